@@ -1,0 +1,76 @@
+"""appbench: a benchmark for circuit discovery (pruners x discoverers x tasks x models).
+
+The public API for plugin authors. Heavy libraries (torch, TransformerLens) are imported only
+by the functions that need them, so importing appbench is cheap.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+from appbench.circuit import QKV, Circuit, Edge, Head, SearchSpace
+from appbench.interfaces import Discoverer, Params, Pruner, RunContext
+from appbench.models import (
+    ModelLoadError,
+    build_model,
+    cache_dir,
+    load_model,
+    load_model_folder,
+    load_tokenizer,
+    save_model_folder,
+    word_level_tokenizer,
+)
+from appbench.plugins import get_registries
+from appbench.registry import PluginError, UnknownNameError
+from appbench.runner import RunError
+from appbench.tasks import (
+    PromptPair,
+    Task,
+    TaskData,
+    TaskError,
+    TaskSpec,
+    mean_of_ids,
+    single_token_id,
+    single_token_words,
+    tokenize_pairs,
+)
+
+__version__ = "0.1.0"
+
+#: Marks a function as an implementation of an appbench hook.
+hookimpl = pluggy.HookimplMarker("appbench")
+
+__all__ = [
+    "QKV",
+    "Circuit",
+    "Discoverer",
+    "Edge",
+    "Head",
+    "ModelLoadError",
+    "Params",
+    "PluginError",
+    "PromptPair",
+    "Pruner",
+    "RunContext",
+    "RunError",
+    "SearchSpace",
+    "Task",
+    "TaskData",
+    "TaskError",
+    "TaskSpec",
+    "UnknownNameError",
+    "__version__",
+    "build_model",
+    "cache_dir",
+    "get_registries",
+    "hookimpl",
+    "load_model",
+    "load_model_folder",
+    "load_tokenizer",
+    "mean_of_ids",
+    "save_model_folder",
+    "single_token_id",
+    "single_token_words",
+    "tokenize_pairs",
+    "word_level_tokenizer",
+]

@@ -1,0 +1,355 @@
+"""The ``appbench`` command line: a thin click layer over the runner and the registries.
+
+torch and TransformerLens are imported only inside commands that need them, so ``appbench
+--help`` and ``appbench list`` stay fast. Bad input exits with code 2 and one line on stderr
+(``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from appbench import __version__
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that are the user's input or environment, not appbench bugs: one line, exit 2."""
+    from appbench.models import ModelLoadError
+    from appbench.registry import PluginError, UnknownNameError
+    from appbench.results import ResultFileError
+    from appbench.runner import RunError
+    from appbench.tasks import TaskError
+
+    return (UnknownNameError, PluginError, ModelLoadError, TaskError, RunError, ResultFileError)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+class AppbenchGroup(click.Group):
+    """Turns known error types into one clean line and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _user_errors() as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+
+
+@click.group(cls=AppbenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="appbench")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """appbench: benchmark circuit discovery, pruners x discoverers x tasks x models.
+
+    \b
+    Examples:
+      appbench run --pruner cflap --discoverer pathpatch
+      appbench run --pruner magnitude --discoverer actpatch -p fraction 0.4
+      appbench list pruners
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+KINDS = ("pruners", "discoverers", "tasks", "models")
+
+
+def _listing(kind: str) -> list[dict[str, Any]]:
+    from appbench.plugins import get_registries
+
+    regs = get_registries()
+    rows: list[dict[str, Any]] = []
+    if kind in ("pruners", "discoverers"):
+        registry = regs.pruners if kind == "pruners" else regs.discoverers
+        for entry in registry:
+            params = {
+                name: {
+                    "default": info.default if info.default is not None else None,
+                    "description": info.description,
+                }
+                for name, info in entry.obj.Params.model_fields.items()
+            }
+            rows.append(
+                {
+                    "name": entry.name,
+                    "summary": entry.obj.summary,
+                    "owner": entry.owner,
+                    "params": params,
+                }
+            )
+    elif kind == "tasks":
+        for task_entry in regs.tasks:
+            spec = task_entry.obj.spec
+            rows.append(
+                {
+                    "name": task_entry.name,
+                    "summary": spec.summary,
+                    "version": spec.version,
+                    "metric": spec.metric,
+                    "citation": spec.citation,
+                    "owner": task_entry.owner,
+                }
+            )
+    else:
+        for model_entry in regs.models:
+            rows.append(
+                {
+                    "name": model_entry.name,
+                    "summary": model_entry.obj.description,
+                    "owner": model_entry.owner,
+                }
+            )
+    return rows
+
+
+@cli.command("list")
+@click.argument("kind", required=False, type=click.Choice(KINDS))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_command(kind: str | None, as_json: bool) -> None:
+    """List registered pruners, discoverers, tasks and models (all kinds if KIND is omitted).
+
+    \b
+    Examples:
+      appbench list
+      appbench list pruners --json
+    """
+    kinds = [kind] if kind else list(KINDS)
+    data = {k: _listing(k) for k in kinds}
+    if as_json:
+        click.echo(json.dumps(data if kind is None else data[kind], indent=2, default=str))
+        return
+    from tabulate import tabulate
+
+    for k in kinds:
+        click.echo(f"{k}:")
+        rows = [[row["name"], row["summary"]] for row in data[k]]
+        click.echo(
+            tabulate(rows, headers=["name", "summary"], tablefmt="simple") if rows else "  (none)"
+        )
+        click.echo()
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plugins(as_json: bool) -> None:
+    """Show loaded plugins with their distributions and versions."""
+    from appbench.plugins import plugin_infos
+
+    infos = [info.__dict__ for info in plugin_infos()]
+    if as_json:
+        click.echo(json.dumps(infos, indent=2))
+        return
+    from tabulate import tabulate
+
+    click.echo(
+        tabulate(
+            [list(i.values()) for i in infos], headers=["name", "module", "distribution", "version"]
+        )
+    )
+
+
+def _params(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for key, value in pairs:
+        if key in params:
+            raise click.BadParameter(f"parameter {key!r} given twice")
+        params[key] = value
+    return params
+
+
+def _summary_table(result: Any, path: Path) -> str:
+    from tabulate import tabulate
+
+    f = result.faithfulness
+
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.1f}%"
+
+    rows = [
+        ["task / model", f"{result.task} / {result.model}"],
+        ["pruner -> discoverer", f"{result.pruner} -> {result.discoverer}"],
+        [
+            "search space",
+            f"{result.search_space_size}/{result.total_heads} heads (reduction {result.reduction:.1%})",
+        ],
+        [
+            "circuit",
+            f"{result.circuit_size} heads: {' '.join(result.circuit['heads']) or '(empty)'}",
+        ],
+        ["faithfulness 100·m(C)/m(M)", pct(f.percent)],
+        [
+            "faithfulness (m(C)-m(∅))/(m(M)-m(∅))",
+            "n/a" if f.normalised is None else f"{f.normalised:.3f}",
+        ],
+        ["m(M) / m(∅) / m(C)", f"{f.m_model:.3f} / {f.m_empty:.3f} / {f.m_circuit:.3f}"],
+    ]
+    if result.overlap is not None and result.reference is not None:
+        o = result.overlap
+        rows.append(
+            [
+                "overlap with reference",
+                f"precision {o.precision:.2f}, recall {o.recall:.2f}, F1 {o.f1:.2f}, IoU {o.iou:.2f}",
+            ]
+        )
+        rows.append(
+            ["reference", f"{len(result.reference.heads)} heads: {result.reference.source}"]
+        )
+    for stage in ("prune", "discover", "evaluate"):
+        c = result.cost[stage]
+        rows.append(
+            [
+                f"{stage} cost",
+                f"{c.wall_seconds:.2f} s, {c.prompt_passes:.0f} prompt passes, {c.flops / 1e9:.2f} GFLOP",
+            ]
+        )
+    if result.speedup is not None:
+        s = result.speedup
+        rows.append(
+            [
+                "speedup vs none",
+                f"wall x{s.wall_ratio:.2f} ({s.wall_percent:.1f}%), FLOPs x{s.flops_ratio:.2f}",
+            ]
+        )
+    rows.append(["result file", str(path)])
+    return tabulate(rows, tablefmt="simple")
+
+
+@cli.command()
+@click.option(
+    "--pruner",
+    required=True,
+    help="Pruner name (`none` = dense baseline); see `appbench list pruners`.",
+)
+@click.option(
+    "--discoverer", required=True, help="Discoverer name; see `appbench list discoverers`."
+)
+@click.option(
+    "--task", default="ioi", show_default=True, help="Task name; see `appbench list tasks`."
+)
+@click.option(
+    "--model",
+    default="zoo-ioi",
+    show_default=True,
+    help="Registered model (see `appbench list models`) or a TransformerLens model name.",
+)
+@click.option("--seed", type=int, default=None, help="Prompt seed (default: the task's own).")
+@click.option(
+    "--device", default="cpu", show_default=True, help="Torch device, e.g. cpu, cuda, cuda:1."
+)
+@click.option(
+    "--n-search", type=click.IntRange(min=1), default=None, help="Search prompts (default: task's)."
+)
+@click.option(
+    "--n-eval",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Evaluation prompts (default: task's).",
+)
+@click.option(
+    "-p",
+    "pruner_params",
+    type=(str, str),
+    multiple=True,
+    metavar="KEY VALUE",
+    help="Pruner parameter.",
+)
+@click.option(
+    "-d",
+    "discoverer_params",
+    type=(str, str),
+    multiple=True,
+    metavar="KEY VALUE",
+    help="Discoverer parameter.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("appbench-results"),
+    show_default=True,
+    help="Results folder; files go to OUT/<task>/<model>/<pruner>__<discoverer>.json.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result JSON instead of a table.")
+@click.option("--quiet", is_flag=True, help="No progress messages on stderr.")
+def run(
+    pruner: str,
+    discoverer: str,
+    task: str,
+    model: str,
+    seed: int | None,
+    device: str,
+    n_search: int | None,
+    n_eval: int | None,
+    pruner_params: tuple[tuple[str, str], ...],
+    discoverer_params: tuple[tuple[str, str], ...],
+    out: Path,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Prune, discover and evaluate a circuit; write one result JSON and print a summary.
+
+    \b
+    Examples:
+      appbench run --pruner magnitude --discoverer actpatch
+      appbench run --pruner none --discoverer actpatch -d threshold 0.05 --json
+      appbench run --pruner cflap --discoverer pathpatch --model gpt2 --device cuda
+    """
+    from appbench.runner import RunConfig
+    from appbench.runner import run as run_once
+
+    config = RunConfig(
+        pruner=pruner,
+        discoverer=discoverer,
+        task=task,
+        model=model,
+        seed=seed,
+        device=device,
+        n_search=n_search,
+        n_eval=n_eval,
+        pruner_params=_params(pruner_params),
+        discoverer_params=_params(discoverer_params),
+        out=out,
+        command=shlex.join(["appbench", *sys.argv[1:]]),
+    )
+
+    def log(line: str) -> None:
+        if not quiet:
+            click.echo(f"[appbench] {line}", err=True)
+
+    result, path = run_once(config, log)
+    if as_json:
+        click.echo(result.model_dump_json(indent=2))
+    else:
+        click.echo(_summary_table(result, path))
+
+
+def _register_plugin_commands() -> None:
+    from appbench.plugins import get_plugin_manager
+
+    get_plugin_manager().hook.appbench_register_commands(cli=cli)
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        _register_plugin_commands()
+    except _user_errors() as exc:
+        fail(str(exc))
+    cli(obj={})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The classes a plugin subclasses: Pruner, Discoverer and their pydantic Params, plus RunContext.
+
+A pruner shrinks the set of heads worth searching; a discoverer finds a circuit inside what is
+left. Neither times itself or counts forward passes: the runner measures both around each
+stage, so every plugin is measured the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from appbench.circuit import Circuit, SearchSpace
+    from appbench.patching import PatchingEngine
+    from appbench.tasks import Task, TaskData
+
+
+class Params(BaseModel):
+    """Base of every plugin's parameters: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a plugin sees of a run.
+
+    Attributes:
+        model: the loaded TransformerLens model (weights unprocessed), in eval mode.
+        model_name: the name the model was loaded under.
+        task: the task object (metric, spec).
+        search: the split pruners and discoverers work on.
+        evaluation: the held-out split circuits are evaluated on; plugins must not use it.
+        device: torch device string of the model.
+        seed: the run's seed.
+        engine: the patching engine bound to the model and task.
+    """
+
+    model: Any
+    model_name: str
+    task: Task
+    search: TaskData
+    evaluation: TaskData
+    device: str
+    seed: int
+    engine: PatchingEngine
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.cfg.n_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.model.cfg.n_heads)
+
+
+class _Plugin:
+    """Shared class attributes of pruners and discoverers."""
+
+    #: CLI name, ``[a-z][a-z0-9_-]*``.
+    name: ClassVar[str]
+    #: One line for ``appbench list``.
+    summary: ClassVar[str]
+    #: The plugin's parameters; every field carries a description.
+    Params: ClassVar[type[Params]] = Params
+
+
+class Pruner(_Plugin):
+    """Chooses the heads a discoverer may search."""
+
+    def prune(self, ctx: RunContext, params: Any) -> SearchSpace:
+        """Return the search space for ``ctx``'s model and task (search split only)."""
+        raise NotImplementedError
+
+
+class Discoverer(_Plugin):
+    """Finds a circuit inside a search space."""
+
+    def discover(self, ctx: RunContext, space: SearchSpace, params: Any) -> Circuit:
+        """Return a circuit whose heads all lie in ``space``, using the search split only."""
+        raise NotImplementedError

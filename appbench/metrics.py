@@ -1,0 +1,129 @@
+"""Faithfulness, overlap, search-space reduction and speedup (definitions in METRICS.md).
+
+Pure functions on numbers and head sets, so that each can be checked on hand-computed cases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+from appbench.circuit import Head
+
+#: For each reported measure, whether a higher value is better (leaderboard arrows).
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "faithfulness_percent": True,
+    "faithfulness_normalised": True,
+    "precision": True,
+    "recall": True,
+    "f1": True,
+    "iou": True,
+    "reduction": True,
+    "speedup_wall": True,
+    "speedup_prompt_passes": True,
+    "circuit_size": False,
+    "search_space_size": False,
+    "wall_seconds": False,
+    "prompt_passes": False,
+}
+
+#: Denominators smaller than this make normalised faithfulness meaningless.
+DEGENERATE_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Faithfulness:
+    """Faithfulness of a circuit, both ways the field reports it.
+
+    Attributes:
+        m_model: m(M), mean metric of the full model on clean prompts.
+        m_empty: m(∅), mean metric with every head mean-ablated.
+        m_circuit: m(C), mean metric with every head outside the circuit mean-ablated.
+        percent: APP/IOI-style 100·m(C)/m(M) (NaN when m(M) is 0).
+        normalised: EAP-IG/MIB-style (m(C)−m(∅))/(m(M)−m(∅)), raw and unclamped
+            (NaN when the denominator is degenerate).
+        degenerate: |m(M)−m(∅)| < 1e-6.
+        inverted: m(M) < m(∅).
+    """
+
+    m_model: float
+    m_empty: float
+    m_circuit: float
+    percent: float
+    normalised: float
+    degenerate: bool
+    inverted: bool
+
+    def to_dict(self) -> dict[str, float | bool | None]:
+        return {
+            k: (None if isinstance(v, float) and math.isnan(v) else v)
+            for k, v in asdict(self).items()
+        }
+
+
+def faithfulness(m_model: float, m_empty: float, m_circuit: float) -> Faithfulness:
+    """Both faithfulness scores from the three mean metrics (ratio of means, METRICS.md 4.1/4.2)."""
+    denom = m_model - m_empty
+    degenerate = abs(denom) < DEGENERATE_EPS
+    percent = 100.0 * m_circuit / m_model if m_model != 0 else math.nan
+    normalised = math.nan if degenerate else (m_circuit - m_empty) / denom
+    return Faithfulness(
+        m_model, m_empty, m_circuit, percent, normalised, degenerate, m_model < m_empty
+    )
+
+
+@dataclass(frozen=True)
+class Overlap:
+    """Overlap of a circuit C with a reference circuit R (head sets)."""
+
+    precision: float
+    recall: float
+    f1: float
+    iou: float
+    intersection: int
+    circuit_size: int
+    reference_size: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def overlap(circuit: Iterable[Head], reference: Iterable[Head]) -> Overlap:
+    """Precision |C∩R|/|C|, recall (TPR) |C∩R|/|R|, F1 and IoU |C∩R|/|C∪R|.
+
+    An empty side gives 0 for the ratios it divides by (and IoU 1 when both are empty).
+    """
+    c, r = set(circuit), set(reference)
+    inter = len(c & r)
+    precision = inter / len(c) if c else 0.0
+    recall = inter / len(r) if r else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    union = len(c | r)
+    iou = inter / union if union else 1.0
+    return Overlap(precision, recall, f1, iou, inter, len(c), len(r))
+
+
+def reduction(space_size: int, total_heads: int) -> float:
+    """APP's search-space reduction 1 − |space|/|heads|."""
+    if total_heads <= 0:
+        raise ValueError("total_heads must be positive")
+    return 1.0 - space_size / total_heads
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """A cost compared with a baseline: both the ratio and APP's percentage."""
+
+    ratio: float
+    percent: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def speedup(baseline: float, new: float) -> Speedup:
+    """t_base/t_new and APP's 100·(1 − t_new/t_base)."""
+    if baseline <= 0 or new <= 0:
+        return Speedup(math.nan, math.nan)
+    return Speedup(baseline / new, 100.0 * (1.0 - new / baseline))

@@ -1,0 +1,176 @@
+"""RunResult: the record of one run, written as JSON; the path convention of result folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA_VERSION = 1
+
+
+class StageCost(BaseModel):
+    """What one stage of a run cost, measured by the runner (never by plugins)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    wall_seconds: float = Field(description="wall-clock time of the stage")
+    forward_calls: int = Field(description="batched calls into the model (full or partial)")
+    prompt_passes: float = Field(
+        description="full-forward-pass equivalents over single prompts: sum over transformer-block "
+        "calls of the batch rows, divided by the number of layers"
+    )
+    tokens: float = Field(description="token positions processed, in full-pass equivalents")
+    flops: float = Field(
+        description="analytic FLOPs of what actually ran (2 per multiply-add; attention projections, "
+        "attention scores, MLPs and unembedding; layer norms and softmax excluded)"
+    )
+    peak_rss_bytes: int = Field(
+        description="peak resident memory of the process at the end of the stage"
+    )
+    peak_gpu_bytes: int | None = Field(
+        default=None, description="peak CUDA memory allocated during the stage"
+    )
+
+
+class Reference(BaseModel):
+    """The circuit overlap is measured against, and where it comes from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="shipped reference file, or how it was computed in this run")
+    heads: list[str] = Field(description="head ids of the reference circuit")
+
+
+class Faithfulness(BaseModel):
+    """Faithfulness on the evaluation split with non-circuit heads mean-ablated (METRICS.md 4.1, 4.2)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    m_model: float = Field(description="m(M): mean metric of the full model on clean prompts")
+    m_empty: float = Field(description="m(∅): mean metric with every head mean-ablated")
+    m_circuit: float = Field(
+        description="m(C): mean metric with heads outside the circuit mean-ablated"
+    )
+    percent: float | None = Field(description="100·m(C)/m(M) (APP's 'performance')")
+    normalised: float | None = Field(
+        description="(m(C)−m(∅))/(m(M)−m(∅)), raw, unclamped (ratio of means)"
+    )
+    degenerate: bool = Field(description="|m(M)−m(∅)| < 1e-6: the normalised score is meaningless")
+    inverted: bool = Field(description="m(M) < m(∅)")
+    ablation: str = Field(description="how non-circuit heads were ablated")
+
+
+class Overlap(BaseModel):
+    """Overlap of the circuit with the reference (head sets)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    precision: float = Field(description="|C∩R|/|C|")
+    recall: float = Field(description="|C∩R|/|R| (APP's TPR)")
+    f1: float = Field(description="harmonic mean of precision and recall")
+    iou: float = Field(description="|C∩R|/|C∪R|")
+    intersection: int = Field(description="|C∩R|")
+    circuit_size: int = Field(description="|C|")
+    reference_size: int = Field(description="|R|")
+
+
+class Speedup(BaseModel):
+    """Cost of this run against the matching dense (`--pruner none`) run of the same discoverer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    baseline: str = Field(description="the dense run's result file")
+    wall_ratio: float = Field(description="baseline prune+discover wall time / this run's")
+    wall_percent: float = Field(description="APP's speed-up %: 100·(1 − new/base), wall time")
+    prompt_passes_ratio: float = Field(
+        description="baseline prune+discover prompt passes / this run's"
+    )
+    flops_ratio: float = Field(description="baseline prune+discover FLOPs / this run's")
+    discover_wall_ratio: float = Field(description="discovery stage alone, wall time ratio")
+    discover_flops_ratio: float = Field(description="discovery stage alone, FLOPs ratio")
+
+
+class Provenance(BaseModel):
+    """Everything needed to trace a number back to code, data and settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    appbench_version: str = Field(description="appbench package version")
+    git_commit: str | None = Field(description="git commit of the appbench checkout, if any")
+    created_at: str = Field(description="UTC time the run finished (ISO 8601)")
+    command: str = Field(description="the command line that produced the run")
+    python: str = Field(description="Python version")
+    libraries: dict[str, str] = Field(description="versions of torch, transformer-lens and friends")
+    plugins: list[dict[str, str]] = Field(
+        description="loaded plugins: name, module, distribution, version"
+    )
+    task_version: str = Field(description="version from the task's task.yaml")
+    model_source: str = Field(description="how the model was loaded")
+
+
+class RunResult(BaseModel):
+    """One pruner x discoverer run on a task and a model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = Field(default=SCHEMA_VERSION, description="version of this JSON layout")
+    task: str = Field(description="task name")
+    model: str = Field(description="model name as given to --model")
+    pruner: str = Field(description="pruner name")
+    discoverer: str = Field(description="discoverer name")
+    pruner_params: dict[str, Any] = Field(
+        description="validated pruner parameters, defaults included"
+    )
+    discoverer_params: dict[str, Any] = Field(description="validated discoverer parameters")
+    seed: int = Field(description="seed of the run (prompt generation and plugins)")
+    device: str = Field(description="torch device")
+    n_search: int = Field(description="prompts in the search split")
+    n_eval: int = Field(description="prompts in the evaluation split")
+    n_layers: int = Field(description="layers of the model")
+    n_heads: int = Field(description="query heads per layer")
+    total_heads: int = Field(description="n_layers × n_heads")
+    search_space: dict[str, Any] = Field(
+        description="the pruner's search space (heads, scores, details)"
+    )
+    circuit: dict[str, Any] = Field(
+        description="the discovered circuit (heads, per-head scores, edges)"
+    )
+    search_space_size: int = Field(description="|search space|")
+    circuit_size: int = Field(description="|circuit|")
+    reduction: float = Field(description="1 − |search space| / total heads")
+    faithfulness: Faithfulness = Field(description="faithfulness on the evaluation split")
+    reference: Reference | None = Field(description="circuit used for overlap, with its source")
+    overlap: Overlap | None = Field(description="overlap with the reference")
+    cost: dict[str, StageCost] = Field(description="per stage: load, prune, discover, evaluate")
+    speedup: Speedup | None = Field(
+        description="against the dense run of the same discoverer, if found"
+    )
+    provenance: Provenance = Field(description="versions, commit, plugins, command")
+
+    def save(self, path: Path) -> Path:
+        """Write atomically (temp file, then rename) so a crash never leaves half a result."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.model_dump_json(indent=2) + "\n")
+        tmp.replace(path)
+        return path
+
+
+def result_path(out: Path, task: str, model: str, pruner: str, discoverer: str) -> Path:
+    """``<out>/<task>/<model>/<pruner>__<discoverer>.json`` (slashes in model names become __)."""
+    return out / task / model.replace("/", "__") / f"{pruner}__{discoverer}.json"
+
+
+class ResultFileError(ValueError):
+    """A result file is missing, unreadable or not a RunResult."""
+
+
+def load_result(path: Path) -> RunResult:
+    try:
+        return RunResult.model_validate(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, ValidationError) as exc:
+        first = str(exc).splitlines()[0]
+        raise ResultFileError(f"{path}: not a valid appbench result ({first})") from exc

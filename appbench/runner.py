@@ -1,0 +1,421 @@
+"""The run: RunConfig -> load -> prune -> discover -> evaluate -> RunResult.
+
+The runner owns measurement. It times each stage and counts what the model actually computed
+through module hooks on the transformer blocks and the unembedding, so that partial passes
+(runs that start or stop mid-network) are counted at their true cost and no plugin can
+misreport its own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from appbench import metrics
+from appbench.circuit import Circuit, Head, SearchSpace
+from appbench.interfaces import Discoverer, Params, Pruner, RunContext
+from appbench.results import (
+    Faithfulness,
+    Overlap,
+    Provenance,
+    Reference,
+    ResultFileError,
+    RunResult,
+    Speedup,
+    StageCost,
+    load_result,
+    result_path,
+)
+
+#: The model `appbench run` uses when --model is not given.
+DEFAULT_MODEL = "zoo-ioi"
+DEFAULT_TASK = "ioi"
+DEFAULT_OUT = Path("appbench-results")
+
+
+class RunError(RuntimeError):
+    """A run cannot proceed (bad parameters, a plugin that broke its contract, ...)."""
+
+
+class RunConfig(BaseModel):
+    """Everything that defines a run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pruner: str = Field(description="pruner name (`none` for the dense baseline)")
+    discoverer: str = Field(description="discoverer name")
+    task: str = Field(default=DEFAULT_TASK, description="task name")
+    model: str = Field(
+        default=DEFAULT_MODEL, description="registered model or TransformerLens name"
+    )
+    seed: int | None = Field(default=None, description="prompt seed; default: the task's own")
+    device: str = Field(default="cpu", description="torch device, e.g. cpu or cuda")
+    pruner_params: dict[str, Any] = Field(default_factory=dict, description="raw pruner parameters")
+    discoverer_params: dict[str, Any] = Field(
+        default_factory=dict, description="raw discoverer parameters"
+    )
+    n_search: int | None = Field(
+        default=None, gt=0, description="search prompts; default: the task's"
+    )
+    n_eval: int | None = Field(
+        default=None, gt=0, description="evaluation prompts; default: the task's"
+    )
+    out: Path = Field(default=DEFAULT_OUT, description="results folder")
+    command: str = Field(default="", description="command line recorded in the provenance")
+
+
+# ------------------------------------------------------------------ cost counting
+@dataclass
+class _Tally:
+    calls: int = 0
+    block_rows: int = 0
+    block_tokens: int = 0
+    flops: float = 0.0
+
+
+class CostCounter:
+    """Counts forward calls, block evaluations and analytic FLOPs through module hooks."""
+
+    def __init__(self, model: Any) -> None:
+        cfg = model.cfg
+        self.n_layers = int(cfg.n_layers)
+        self.tally = _Tally()
+        d_model, n_heads, d_head = int(cfg.d_model), int(cfg.n_heads), int(cfg.d_head)
+        n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+        d_mlp = int(cfg.d_mlp or 0) if not cfg.attn_only else 0
+        gated = bool(getattr(cfg, "gated_mlp", False))
+        self._proj_per_token = 2 * d_model * d_head * (2 * n_heads + 2 * n_kv)
+        self._mlp_per_token = 2 * d_model * d_mlp * (3 if gated else 2)
+        self._attn_per_pair = 2 * 2 * n_heads * d_head
+        self._unembed_per_token = 2 * d_model * int(cfg.d_vocab_out)
+        self._handles = [block.register_forward_pre_hook(self._on_block) for block in model.blocks]
+        self._handles.append(model.blocks[0].register_forward_pre_hook(self._on_first_block))
+        self._handles.append(model.unembed.register_forward_pre_hook(self._on_unembed))
+        self._seen_calls: set[int] = set()
+
+    def _on_block(self, module: Any, args: tuple[Any, ...]) -> None:
+        resid = args[0]
+        rows, length = int(resid.shape[0]), int(resid.shape[1])
+        self.tally.block_rows += rows
+        self.tally.block_tokens += rows * length
+        self.tally.flops += rows * length * (self._proj_per_token + self._mlp_per_token)
+        # Causal attention: T(T+1)/2 query-key pairs per row.
+        self.tally.flops += rows * length * (length + 1) / 2 * self._attn_per_pair
+
+    def _on_first_block(self, module: Any, args: tuple[Any, ...]) -> None:
+        self.tally.calls += 1
+
+    def _on_unembed(self, module: Any, args: tuple[Any, ...]) -> None:
+        resid = args[0]
+        self.tally.flops += int(resid.shape[0]) * int(resid.shape[1]) * self._unembed_per_token
+        if self.tally.block_rows == 0:
+            self.tally.calls += 1
+
+    def snapshot(self) -> _Tally:
+        return _Tally(
+            self.tally.calls, self.tally.block_rows, self.tally.block_tokens, self.tally.flops
+        )
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+@contextmanager
+def measure(
+    counter: CostCounter | None, device: str, sink: dict[str, StageCost], stage: str
+) -> Iterator[None]:
+    """Time a stage and record its counters into ``sink[stage]``."""
+    import torch
+
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = counter.snapshot() if counter else _Tally()
+    started = time.perf_counter()
+    yield
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    after = counter.snapshot() if counter else _Tally()
+    n_layers = counter.n_layers if counter else 1
+    sink[stage] = StageCost(
+        wall_seconds=wall,
+        forward_calls=after.calls - before.calls,
+        prompt_passes=(after.block_rows - before.block_rows) / n_layers,
+        tokens=(after.block_tokens - before.block_tokens) / n_layers,
+        flops=after.flops - before.flops,
+        peak_rss_bytes=_peak_rss_bytes(),
+        peak_gpu_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None,
+    )
+
+
+# ---------------------------------------------------------------------- the run
+def parse_params(cls: type[Pruner] | type[Discoverer], raw: dict[str, Any]) -> Params:
+    """Validate raw (string) parameters against a plugin's Params; one-line RunError otherwise."""
+    try:
+        return cls.Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        known = ", ".join(cls.Params.model_fields) or "(none)"
+        raise RunError(f"bad parameters for {cls.name}: {problems} (known: {known})") from None
+
+
+def evaluate_circuit(ctx: RunContext, heads: frozenset[Head]) -> Faithfulness:
+    """Faithfulness of ``heads`` on the evaluation split (per-template corrupted means)."""
+    import torch
+
+    engine, data = ctx.engine, ctx.evaluation
+    means = engine.per_prompt(engine.group_means(engine.cache_z(data.corrupt), data), data)
+    keep = torch.zeros(3, ctx.n_layers, ctx.n_heads, dtype=torch.bool)
+    keep[0] = True  # the full model: nothing ablated
+    for head in heads:
+        keep[2, head.layer, head.head] = True
+    values = engine.ablated_metric(data, keep, means).mean(dim=1).tolist()
+    f = metrics.faithfulness(values[0], values[1], values[2])
+    return Faithfulness(
+        **f.to_dict(),  # type: ignore[arg-type]
+        ablation="hook_z of every head outside the circuit replaced, at all positions, by its "
+        "per-template, per-position mean over the evaluation split's corrupted prompts",
+    )
+
+
+def _reference(ctx: RunContext, cfg: RunConfig, circuit: Circuit) -> Reference | None:
+    """The shipped reference circuit, else the dense `actpatch` circuit computed here."""
+    shipped = ctx.task.reference(cfg.model)
+    if shipped is not None:
+        return Reference(
+            source=f"{ctx.task.name}/reference/{cfg.model}.json",
+            heads=[h.id for h in shipped.sorted_heads()],
+        )
+    from appbench.plugins import get_registries
+
+    discoverers = get_registries().discoverers
+    if "actpatch" not in discoverers:
+        return None
+    source = "dense actpatch circuit (default parameters) on the search split, computed in this run"
+    if cfg.pruner == "none" and cfg.discoverer == "actpatch" and not cfg.discoverer_params:
+        return Reference(source=source, heads=[h.id for h in circuit.sorted_heads()])
+    actpatch = discoverers.get("actpatch")
+    dense = SearchSpace.dense(ctx.n_layers, ctx.n_heads)
+    reference = actpatch().discover(ctx, dense, actpatch.Params())
+    return Reference(source=source, heads=[h.id for h in reference.sorted_heads()])
+
+
+def _speedup(
+    cfg: RunConfig,
+    seed: int,
+    n_search: int,
+    cost: dict[str, StageCost],
+    path: Path,
+    warn: Callable[[str], None],
+) -> Speedup | None:
+    """Compare with ``none__<discoverer>.json`` beside ``path`` when it ran on the same prompts."""
+    if cfg.pruner == "none":
+        return None
+    base_path = path.with_name(f"none__{cfg.discoverer}.json")
+    if not base_path.is_file():
+        return None
+    try:
+        base = load_result(base_path)
+    except ResultFileError as exc:
+        warn(f"no speedup: {exc}")
+        return None
+    if (base.seed, base.n_search, base.device) != (seed, n_search, cfg.device):
+        warn(f"no speedup: {base_path} ran with another seed, search split size or device")
+        return None
+
+    def total(c: dict[str, StageCost], field: str) -> float:
+        return float(getattr(c["prune"], field) + getattr(c["discover"], field))
+
+    wall = metrics.speedup(total(base.cost, "wall_seconds"), total(cost, "wall_seconds"))
+    return Speedup(
+        baseline=str(base_path),
+        wall_ratio=wall.ratio,
+        wall_percent=wall.percent,
+        prompt_passes_ratio=metrics.speedup(
+            total(base.cost, "prompt_passes"), total(cost, "prompt_passes")
+        ).ratio,
+        flops_ratio=metrics.speedup(total(base.cost, "flops"), total(cost, "flops")).ratio,
+        discover_wall_ratio=metrics.speedup(
+            base.cost["discover"].wall_seconds, cost["discover"].wall_seconds
+        ).ratio,
+        discover_flops_ratio=metrics.speedup(
+            base.cost["discover"].flops, cost["discover"].flops
+        ).ratio,
+    )
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _library_versions() -> dict[str, str]:
+    versions = {}
+    for dist in ("torch", "transformer-lens", "transformers", "pluggy", "pydantic", "numpy"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _resolve(cfg: RunConfig) -> tuple[type[Pruner], Params, type[Discoverer], Params, Any]:
+    from appbench.plugins import get_registries
+
+    regs = get_registries()
+    pruner_cls = regs.pruners.get(cfg.pruner)
+    discoverer_cls = regs.discoverers.get(cfg.discoverer)
+    task = regs.tasks.get(cfg.task)
+    return (
+        pruner_cls,
+        parse_params(pruner_cls, cfg.pruner_params),
+        discoverer_cls,
+        parse_params(discoverer_cls, cfg.discoverer_params),
+        task,
+    )
+
+
+def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[RunResult, Path]:
+    """Run one pruner x discoverer combination end to end; returns the result and its file.
+
+    Names and parameters are validated before the model is loaded, so bad input fails fast.
+    """
+    import torch
+
+    from appbench.models import load_model
+    from appbench.patching import PatchingEngine
+    from appbench.plugins import get_plugin_manager, plugin_infos
+
+    pruner_cls, pruner_params, discoverer_cls, discoverer_params, task = _resolve(cfg)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"device {cfg.device!r} requested but CUDA is not available")
+    cost: dict[str, StageCost] = {}
+    seed = task.spec.seed if cfg.seed is None else cfg.seed
+
+    log(f"loading model {cfg.model} on {cfg.device}")
+    with measure(None, cfg.device, cost, "load"):
+        model = load_model(cfg.model, cfg.device)
+        if getattr(model, "tokenizer", None) is None:
+            raise RunError(f"model {cfg.model!r} has no tokenizer; tasks need one to build prompts")
+        search, evaluation = task.splits(model.tokenizer, cfg.n_search, cfg.n_eval, seed)
+        search, evaluation = search.to(cfg.device), evaluation.to(cfg.device)
+    torch.manual_seed(seed)
+    engine = PatchingEngine(model, task)
+    ctx = RunContext(model, cfg.model, task, search, evaluation, cfg.device, seed, engine)
+    counter = CostCounter(model)
+    try:
+        log(f"pruning with {cfg.pruner}")
+        with measure(counter, cfg.device, cost, "prune"):
+            space = pruner_cls().prune(ctx, pruner_params)
+        if not isinstance(space, SearchSpace) or (space.n_layers, space.n_heads) != (
+            ctx.n_layers,
+            ctx.n_heads,
+        ):
+            raise RunError(
+                f"pruner {cfg.pruner} returned {type(space).__name__}, not a SearchSpace of this model"
+            )
+        log(
+            f"search space: {len(space)}/{space.total_heads} heads; discovering with {cfg.discoverer}"
+        )
+        with measure(counter, cfg.device, cost, "discover"):
+            circuit = discoverer_cls().discover(ctx, space, discoverer_params)
+        if not isinstance(circuit, Circuit):
+            raise RunError(
+                f"discoverer {cfg.discoverer} returned {type(circuit).__name__}, not a Circuit"
+            )
+        outside = sorted(circuit.heads - space.heads)
+        if outside:
+            raise RunError(
+                f"discoverer {cfg.discoverer} returned heads outside the search space: "
+                + ", ".join(h.id for h in outside[:5])
+            )
+        log(f"circuit: {len(circuit)} heads; evaluating on {len(evaluation)} held-out prompts")
+        with measure(counter, cfg.device, cost, "evaluate"):
+            faith = evaluate_circuit(ctx, circuit.heads)
+    finally:
+        counter.remove()
+    log("computing the reference circuit")
+    reference = _reference(ctx, cfg, circuit)
+    ov = None
+    if reference is not None:
+        reference_heads = {Head.parse(h) for h in reference.heads}
+        ov = Overlap.model_validate(metrics.overlap(circuit.heads, reference_heads).to_dict())
+
+    path = result_path(cfg.out, cfg.task, cfg.model, cfg.pruner, cfg.discoverer)
+    result = RunResult(
+        task=cfg.task,
+        model=cfg.model,
+        pruner=cfg.pruner,
+        discoverer=cfg.discoverer,
+        pruner_params=pruner_params.model_dump(mode="json"),
+        discoverer_params=discoverer_params.model_dump(mode="json"),
+        seed=seed,
+        device=cfg.device,
+        n_search=len(search),
+        n_eval=len(evaluation),
+        n_layers=ctx.n_layers,
+        n_heads=ctx.n_heads,
+        total_heads=space.total_heads,
+        search_space=space.to_dict(),
+        circuit=circuit.to_dict(),
+        search_space_size=len(space),
+        circuit_size=len(circuit),
+        reduction=metrics.reduction(len(space), space.total_heads),
+        faithfulness=faith,
+        reference=reference,
+        overlap=ov,
+        cost=cost,
+        speedup=_speedup(cfg, seed, len(search), cost, path, log),
+        provenance=Provenance(
+            appbench_version=metadata.version("appbench"),
+            git_commit=_git_commit(),
+            created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            command=cfg.command,
+            python=platform.python_version(),
+            libraries=_library_versions(),
+            plugins=[info.__dict__ for info in plugin_infos()],
+            task_version=task.spec.version,
+            model_source=str(getattr(model.cfg, "model_name", cfg.model)),
+        ),
+    )
+    result.save(path)
+    for impl in get_plugin_manager().hook.appbench_run_finished.get_hookimpls():
+        try:
+            impl.function(result=result)
+        except Exception as exc:  # a logger must never lose a saved result
+            log(f"warning: appbench_run_finished hook of {impl.plugin_name} failed: {exc}")
+    return result, path

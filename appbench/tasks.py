@@ -1,0 +1,299 @@
+"""Tasks: specs read from task.yaml, tokenised clean/corrupted prompt pairs, and the task metric.
+
+A task turns a tokenizer into :class:`TaskData`: clean prompts, their corrupted counterparts
+aligned token for token, the position whose next-token prediction is scored, the answer and
+wrong-answer tokens, and template groups (used for per-template mean ablation). Tasks are
+generic over tokenizers: every check (single-token answers, aligned lengths) is made with the
+model's own tokenizer, and a tokenizer that cannot express the task raises :class:`TaskError`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if TYPE_CHECKING:
+    import torch
+
+    from appbench.circuit import Circuit
+
+
+class TaskError(ValueError):
+    """A task cannot be generated (bad spec, a tokenizer that cannot express it, ...)."""
+
+
+class TaskSpec(BaseModel):
+    """The contents of a task folder's task.yaml."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$", description="CLI name of the task")
+    version: str = Field(description="task version; bump when prompts or the metric change")
+    summary: str = Field(description="one line shown by `appbench list tasks`")
+    citation: str = Field(description="the paper the task comes from")
+    metric: str = Field(description="what the per-prompt metric measures")
+    n_search: int = Field(default=100, gt=0, description="prompts in the search split")
+    n_eval: int = Field(default=200, gt=0, description="prompts in the held-out evaluation split")
+    seed: int = Field(default=0, description="default generator seed")
+
+
+@dataclass(frozen=True, eq=False)
+class TaskData:
+    """One split of a task, tokenised.
+
+    Attributes:
+        clean: [N, T] clean token ids, right-padded.
+        corrupt: [N, T] corrupted token ids, aligned with ``clean`` position by position.
+        lengths: [N] number of real (non-pad) tokens of each prompt.
+        target_pos: [N] position whose next-token logits the metric reads.
+        answers: [N, A] correct answer token ids (-1 pads rows with fewer answers).
+        wrong: [N, W] wrong answer token ids (-1 pads).
+        groups: [N] template id of each prompt, indexing ``group_names``.
+        group_names: names of the templates.
+        prompts: the clean prompt texts.
+        corrupt_prompts: the corrupted prompt texts.
+    """
+
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    lengths: torch.Tensor
+    target_pos: torch.Tensor
+    answers: torch.Tensor
+    wrong: torch.Tensor
+    groups: torch.Tensor
+    group_names: tuple[str, ...]
+    prompts: tuple[str, ...] = field(default=())
+    corrupt_prompts: tuple[str, ...] = field(default=())
+
+    def __len__(self) -> int:
+        return int(self.clean.shape[0])
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.group_names)
+
+    def pad_mask(self) -> torch.Tensor:
+        """[N, T] True on real tokens, False on padding."""
+        import torch
+
+        positions = torch.arange(self.clean.shape[1], device=self.clean.device)
+        return positions[None, :] < self.lengths[:, None]
+
+    def to(self, device: str | torch.device) -> TaskData:
+        return TaskData(
+            self.clean.to(device),
+            self.corrupt.to(device),
+            self.lengths.to(device),
+            self.target_pos.to(device),
+            self.answers.to(device),
+            self.wrong.to(device),
+            self.groups.to(device),
+            self.group_names,
+            self.prompts,
+            self.corrupt_prompts,
+        )
+
+    def select(self, index: Sequence[int]) -> TaskData:
+        """The prompts at ``index``, in that order."""
+        import torch
+
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+        return TaskData(
+            self.clean[idx],
+            self.corrupt[idx],
+            self.lengths[idx],
+            self.target_pos[idx],
+            self.answers[idx],
+            self.wrong[idx],
+            self.groups[idx],
+            self.group_names,
+            tuple(self.prompts[i] for i in idx.tolist()) if self.prompts else (),
+            tuple(self.corrupt_prompts[i] for i in idx.tolist()) if self.corrupt_prompts else (),
+        )
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    """One generated example before tokenisation.
+
+    ``answers`` and ``wrong`` are strings that must each tokenise to exactly one token (with
+    the leading space they carry in running text, e.g. " Mary").
+    """
+
+    clean: str
+    corrupt: str
+    answers: tuple[str, ...]
+    wrong: tuple[str, ...]
+    group: str
+
+
+def single_token_id(tokenizer: Any, text: str) -> int | None:
+    """The id of ``text`` if the tokenizer encodes it as exactly one known token, else None.
+
+    A word-level tokenizer encodes every unknown word as one ``<unk>`` token: that is no
+    encoding of the word, so the unknown-token id counts as None.
+    """
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        return None
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return None if unk is not None and ids[0] == unk else int(ids[0])
+
+
+def single_token_words(tokenizer: Any, words: Sequence[str], prefix: str = " ") -> list[str]:
+    """The words that encode to one token once ``prefix`` is put before them."""
+    return [w for w in words if single_token_id(tokenizer, prefix + w) is not None]
+
+
+def tokenize_pairs(tokenizer: Any, pairs: Sequence[PromptPair], task: str) -> TaskData:
+    """Tokenise prompt pairs into a right-padded, aligned :class:`TaskData`.
+
+    The scored position is each prompt's last token. Raises TaskError when a clean prompt and
+    its corruption differ in length or an answer is not a single token.
+    """
+    import torch
+
+    if not pairs:
+        raise TaskError(f"task {task!r}: no prompts were generated")
+    group_names = tuple(sorted({p.group for p in pairs}))
+    group_index = {g: i for i, g in enumerate(group_names)}
+    clean_ids, corrupt_ids, answers, wrong = [], [], [], []
+    for pair in pairs:
+        c = tokenizer.encode(pair.clean, add_special_tokens=False)
+        k = tokenizer.encode(pair.corrupt, add_special_tokens=False)
+        if len(c) != len(k):
+            raise TaskError(
+                f"task {task!r}: clean and corrupted prompts tokenise to different lengths "
+                f"({len(c)} vs {len(k)}) for {pair.clean!r} / {pair.corrupt!r}"
+            )
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if unk is not None and (unk in c or unk in k):
+            raise TaskError(
+                f"task {task!r}: the tokenizer has no token for a word of {pair.clean!r}"
+            )
+        ans = [single_token_id(tokenizer, a) for a in pair.answers]
+        wro = [single_token_id(tokenizer, w) for w in pair.wrong]
+        bad = [t for t, i in zip(pair.answers + pair.wrong, ans + wro, strict=True) if i is None]
+        if bad:
+            raise TaskError(
+                f"task {task!r}: the tokenizer does not encode {bad!r} as single tokens"
+            )
+        clean_ids.append(c)
+        corrupt_ids.append(k)
+        answers.append(ans)
+        wrong.append(wro)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None) or 0
+    length = max(len(c) for c in clean_ids)
+
+    def padded(rows: list[list[int]], width: int, fill: int) -> torch.Tensor:
+        return torch.tensor([r + [fill] * (width - len(r)) for r in rows], dtype=torch.long)
+
+    lengths = torch.tensor([len(c) for c in clean_ids], dtype=torch.long)
+    return TaskData(
+        clean=padded(clean_ids, length, pad),
+        corrupt=padded(corrupt_ids, length, pad),
+        lengths=lengths,
+        target_pos=lengths - 1,
+        answers=padded(answers, max(map(len, answers)), -1),  # type: ignore[arg-type]
+        wrong=padded(wrong, max(map(len, wrong)), -1),  # type: ignore[arg-type]
+        groups=torch.tensor([group_index[p.group] for p in pairs], dtype=torch.long),
+        group_names=group_names,
+        prompts=tuple(p.clean for p in pairs),
+        corrupt_prompts=tuple(p.corrupt for p in pairs),
+    )
+
+
+def mean_of_ids(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean over the valid (>= 0) ids of each row of ``logits`` [N, V] at ``ids`` [N, K]."""
+    valid = ids >= 0
+    gathered = logits.gather(1, ids.clamp(min=0))
+    return (gathered * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
+class Task:
+    """Base class of tasks; a task folder subclasses it and implements :meth:`generate`.
+
+    Subclasses set ``package`` to their folder's import path; the spec is read from its
+    task.yaml and reference circuits from its ``reference/`` folder.
+    """
+
+    package: ClassVar[str] = ""
+
+    def __init__(self, spec: TaskSpec | None = None) -> None:
+        if spec is None and not self.package:
+            raise TaskError(f"{type(self).__name__} needs a `package` with a task.yaml, or a spec")
+        self.spec = spec if spec is not None else load_spec(resources.files(self.package))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def summary(self) -> str:
+        return self.spec.summary
+
+    def generate(self, tokenizer: Any, n: int, seed: int) -> list[PromptPair]:
+        """Return ``n`` distinct prompt pairs, deterministically for a given seed."""
+        raise NotImplementedError
+
+    def vocabulary(self) -> list[str]:
+        """Every word the generator can emit (word-level tokenizers of zoo models are built
+        from it); tasks that only work with subword tokenizers may leave it unimplemented."""
+        raise NotImplementedError(f"task {self.name!r} does not list its vocabulary")
+
+    def metric(self, logits: torch.Tensor, data: TaskData) -> torch.Tensor:
+        """Per-prompt metric from the logits at the target position ([N, V] -> [N]).
+
+        The default is the mean logit of the answers minus the mean logit of the wrong
+        answers: logit(IO) - logit(S) for IOI.
+        """
+        return mean_of_ids(logits, data.answers) - mean_of_ids(logits, data.wrong)
+
+    def splits(
+        self,
+        tokenizer: Any,
+        n_search: int | None = None,
+        n_eval: int | None = None,
+        seed: int | None = None,
+    ) -> tuple[TaskData, TaskData]:
+        """The search split and the held-out evaluation split; no prompt appears in both."""
+        n_s = n_search or self.spec.n_search
+        n_e = n_eval or self.spec.n_eval
+        pairs = self.generate(tokenizer, n_s + n_e, self.spec.seed if seed is None else seed)
+        if len({p.clean for p in pairs}) != len(pairs):
+            raise TaskError(f"task {self.name!r}: the generator returned duplicate prompts")
+        search = tokenize_pairs(tokenizer, pairs[:n_s], self.name)
+        evaluation = tokenize_pairs(tokenizer, pairs[n_s:], self.name)
+        return search, evaluation
+
+    def reference(self, model_name: str) -> Circuit | None:
+        """The reference circuit shipped for ``model_name``, or None."""
+        from appbench.circuit import Circuit
+
+        if not self.package:
+            return None
+        folder = resources.files(self.package).joinpath("reference")
+        entry = folder.joinpath(f"{model_name.replace('/', '__')}.json")
+        if not entry.is_file():
+            return None
+        data = json.loads(entry.read_text())
+        return Circuit.from_dict(data["circuit"])
+
+
+def load_spec(folder: Traversable) -> TaskSpec:
+    """Read and validate ``task.yaml`` in a task folder."""
+    entry = folder.joinpath("task.yaml")
+    try:
+        raw = yaml.safe_load(entry.read_text())
+        return TaskSpec.model_validate(raw)
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise TaskError(f"{entry}: invalid task.yaml ({exc})") from exc

@@ -1,0 +1,12 @@
+"""Built-in tasks of appbench, one folder each (task.yaml, generate.py, README.md, reference/).
+
+Registered through the ``appbench_register_tasks`` hook like any third-party task package.
+"""
+
+from appbench import hookimpl
+from appbench_tasks.ioi import IOITask
+
+
+@hookimpl
+def appbench_register_tasks(register):
+    register(IOITask())

@@ -1,0 +1,142 @@
+"""The command line on the built-in default model: output, result files and bad input."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from appbench.cli import cli
+from appbench.results import load_result
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(args), obj={})
+
+
+def test_list_json_shows_the_builtins():
+    result = invoke("list", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert {"none", "magnitude"} <= {row["name"] for row in data["pruners"]}
+    assert "actpatch" in {row["name"] for row in data["discoverers"]}
+    assert "ioi" in {row["name"] for row in data["tasks"]}
+    assert "zoo-ioi" in {row["name"] for row in data["models"]}
+    magnitude = next(row for row in data["pruners"] if row["name"] == "magnitude")
+    assert magnitude["params"]["fraction"]["default"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A dense and a pruned actpatch run on the default model, in one results folder."""
+    out = tmp_path_factory.mktemp("results")
+    common = ["--out", str(out), "--n-search", "40", "--n-eval", "60", "--quiet"]
+    dense = invoke("run", "--pruner", "none", "--discoverer", "actpatch", *common)
+    pruned = invoke(
+        "run", "--pruner", "magnitude", "--discoverer", "actpatch", "-p", "fraction", "0.5", *common
+    )
+    return out, dense, pruned
+
+
+def test_run_prints_a_table_and_writes_a_result(runs):
+    out, dense, _ = runs
+    assert dense.exit_code == 0, dense.output
+    assert "faithfulness" in dense.output and "reduction" in dense.output
+    result = load_result(out / "ioi" / "zoo-ioi" / "none__actpatch.json")
+    assert result.search_space_size == 32 and result.reduction == 0.0
+    assert result.reference is not None and result.overlap is not None
+    assert result.overlap.recall == 1.0  # the dense actpatch circuit is its own reference
+    f = result.faithfulness
+    assert f.m_model > 0 and f.m_model > f.m_empty
+    assert result.cost["discover"].prompt_passes > 0 and result.cost["discover"].flops > 0
+    assert result.provenance.plugins and result.provenance.libraries["torch"].startswith("2.13")
+
+
+def test_pruned_run_reports_reduction_and_speedup(runs):
+    out, _, pruned = runs
+    assert pruned.exit_code == 0, pruned.output
+    result = load_result(out / "ioi" / "zoo-ioi" / "magnitude__actpatch.json")
+    assert result.search_space_size == 16 and result.reduction == pytest.approx(0.5)
+    assert set(result.circuit["heads"]) <= set(result.search_space["heads"])
+    assert result.speedup is not None
+    assert result.speedup.prompt_passes_ratio > 1.0  # fewer heads were patched
+    assert "speedup vs none" in pruned.output
+
+
+def test_json_output_is_the_result(tmp_path):
+    result = invoke(
+        "run",
+        "--pruner",
+        "magnitude",
+        "--discoverer",
+        "actpatch",
+        "--json",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+        "--n-search",
+        "20",
+        "--n-eval",
+        "20",
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["pruner_params"] == {"fraction": 0.5, "norm": "ov"}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--pruner", "magnitud", "--discoverer", "actpatch"],
+            "Unknown pruner 'magnitud'. Did you mean 'magnitude'?",
+        ),
+        (
+            ["--pruner", "none", "--discoverer", "actpach"],
+            "Unknown discoverer 'actpach'. Did you mean 'actpatch'?",
+        ),
+        (
+            ["--pruner", "none", "--discoverer", "actpatch", "--task", "iio"],
+            "Unknown task 'iio'. Did you mean 'ioi'?",
+        ),
+        (
+            ["--pruner", "magnitude", "--discoverer", "actpatch", "-p", "fraction", "two"],
+            "bad parameters for magnitude",
+        ),
+        (
+            ["--pruner", "magnitude", "--discoverer", "actpatch", "-p", "frac", "0.2"],
+            "frac: Extra inputs",
+        ),
+        (
+            ["--pruner", "none", "--discoverer", "actpatch", "--model", "no-such-model"],
+            "Unknown model 'no-such-model'",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
+    result = invoke("run", *args, "--out", str(tmp_path), "--quiet")
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_corrupt_baseline_does_not_lose_the_new_result(tmp_path):
+    folder = tmp_path / "ioi" / "zoo-ioi"
+    folder.mkdir(parents=True)
+    (folder / "none__actpatch.json").write_text("{broken")
+    result = invoke(
+        "run",
+        "--pruner",
+        "magnitude",
+        "--discoverer",
+        "actpatch",
+        "--out",
+        str(tmp_path),
+        "--n-search",
+        "20",
+        "--n-eval",
+        "20",
+    )
+    assert result.exit_code == 0, result.output
+    assert "no speedup" in result.output
+    assert load_result(folder / "magnitude__actpatch.json").speedup is None
+    assert (folder / "none__actpatch.json").read_text() == "{broken"

@@ -1,0 +1,51 @@
+import math
+
+import pytest
+
+from appbench import Head
+from appbench.metrics import faithfulness, overlap, reduction, speedup
+
+
+def test_faithfulness_hand_computed():
+    f = faithfulness(m_model=4.0, m_empty=1.0, m_circuit=3.0)
+    assert f.percent == pytest.approx(75.0)
+    assert f.normalised == pytest.approx(2.0 / 3.0)
+    assert not f.degenerate and not f.inverted
+
+
+def test_faithfulness_is_unclamped_and_flags_problems():
+    above = faithfulness(2.0, 0.0, 3.0)
+    assert above.percent == pytest.approx(150.0) and above.normalised == pytest.approx(1.5)
+    degenerate = faithfulness(1.0, 1.0 + 1e-9, 0.5)
+    assert degenerate.degenerate and math.isnan(degenerate.normalised)
+    inverted = faithfulness(-1.0, 1.0, 0.0)
+    assert inverted.inverted and inverted.normalised == pytest.approx(0.5)
+    assert math.isnan(faithfulness(0.0, -1.0, 0.5).percent)
+    assert faithfulness(0.0, -1.0, 0.5).to_dict()["percent"] is None
+
+
+def test_overlap_hand_computed():
+    c = {Head(0, 0), Head(0, 1), Head(1, 0)}
+    r = {Head(0, 1), Head(1, 0), Head(1, 1), Head(2, 2)}
+    o = overlap(c, r)
+    assert (o.intersection, o.circuit_size, o.reference_size) == (2, 3, 4)
+    assert o.precision == pytest.approx(2 / 3)
+    assert o.recall == pytest.approx(1 / 2)
+    assert o.f1 == pytest.approx(2 * (2 / 3) * (1 / 2) / (2 / 3 + 1 / 2))
+    assert o.iou == pytest.approx(2 / 5)
+
+
+def test_overlap_edge_cases():
+    assert overlap(set(), {Head(0, 0)}).precision == 0.0
+    assert overlap(set(), set()).iou == 1.0
+    same = overlap({Head(0, 0)}, {Head(0, 0)})
+    assert (same.precision, same.recall, same.f1, same.iou) == (1.0, 1.0, 1.0, 1.0)
+
+
+def test_reduction_and_speedup():
+    assert reduction(50, 144) == pytest.approx(1 - 50 / 144)
+    with pytest.raises(ValueError):
+        reduction(1, 0)
+    s = speedup(10.0, 2.5)
+    assert s.ratio == pytest.approx(4.0) and s.percent == pytest.approx(75.0)
+    assert math.isnan(speedup(0.0, 1.0).ratio)
