@@ -25,7 +25,8 @@ class StageCost(BaseModel):
     tokens: float = Field(description="token positions processed, in full-pass equivalents")
     flops: float = Field(
         description="analytic FLOPs of what actually ran (2 per multiply-add; attention projections, "
-        "attention scores, MLPs and unembedding; layer norms and softmax excluded)"
+        "all T² attention scores and weighted sums, MLPs and unembedding; layer norms, softmax and "
+        "other elementwise operations excluded), the count torch.utils.flop_counter makes"
     )
     peak_rss_bytes: int = Field(
         description="peak resident memory of the process at the end of the stage"

@@ -111,8 +111,8 @@ class CostCounter:
         self.tally.block_rows += rows
         self.tally.block_tokens += rows * length
         self.tally.flops += rows * length * (self._proj_per_token + self._mlp_per_token)
-        # Causal attention: T(T+1)/2 query-key pairs per row.
-        self.tally.flops += rows * length * (length + 1) / 2 * self._attn_per_pair
+        # TransformerLens computes every query-key pair and masks afterwards, so T² pairs ran.
+        self.tally.flops += rows * length * length * self._attn_per_pair
 
     def _on_first_block(self, module: Any, args: tuple[Any, ...]) -> None:
         self.tally.calls += 1
