@@ -137,10 +137,9 @@ class PatchingEngine:
         start = min(replacements) if (replacements and resid_pre is not None) else 0
         if start > 0:
             assert resid_pre is not None
-            resid = resid_pre[start]
+            model_input = resid_pre[start].repeat(n_variants, 1, 1)
         else:
-            resid = model(data.clean, stop_at_layer=0)
-        resid = resid.repeat(n_variants, 1, 1)
+            model_input = data.clean.repeat(n_variants, 1)
 
         def make_hook(rep: Replacement) -> Any:
             def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -154,7 +153,10 @@ class PatchingEngine:
             (z_hook_name(layer), make_hook(rep)) for layer, rep in sorted(replacements.items())
         ]
         with model.hooks(fwd_hooks=hooks):
-            final = model(resid, start_at_layer=start, stop_at_layer=self.n_layers)
+            if start > 0:
+                final = model(model_input, start_at_layer=start, stop_at_layer=self.n_layers)
+            else:
+                final = model(model_input, stop_at_layer=self.n_layers)
         rows = torch.arange(n_variants * n, device=final.device)
         at_target = final[rows, data.target_pos.to(final.device).repeat(n_variants)][:, None, :]
         if model.cfg.normalization_type is not None:

@@ -17,10 +17,10 @@ class StageCost(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     wall_seconds: float = Field(description="wall-clock time of the stage")
-    forward_calls: int = Field(description="batched calls into the model (full or partial)")
+    forward_calls: int = Field(description="calls into the model's forward (full or partial runs)")
     prompt_passes: float = Field(
-        description="full-forward-pass equivalents over single prompts: sum over transformer-block "
-        "calls of the batch rows, divided by the number of layers"
+        description="full-forward-pass equivalents over single prompts: attention-layer evaluations "
+        "(batch rows summed over layers run) divided by the number of layers"
     )
     tokens: float = Field(description="token positions processed, in full-pass equivalents")
     flops: float = Field(

@@ -80,13 +80,20 @@ class RunConfig(BaseModel):
 @dataclass
 class _Tally:
     calls: int = 0
-    block_rows: int = 0
-    block_tokens: int = 0
+    layer_rows: int = 0
+    layer_tokens: int = 0
     flops: float = 0.0
 
 
 class CostCounter:
-    """Counts forward calls, block evaluations and analytic FLOPs through module hooks."""
+    """Counts what a model actually computes, through module hooks (never through plugins).
+
+    - ``calls``: calls into ``HookedTransformer.forward`` (full or partial runs);
+    - ``layer_rows`` / ``layer_tokens``: attention-layer evaluations (batch rows, and rows x
+      positions), so a run that starts or stops mid-network counts only the layers it ran;
+    - ``flops``: analytic FLOPs (2 per multiply-add) of every attention layer, MLP and
+      unembedding call, including MLPs run on their own by the patching engine.
+    """
 
     def __init__(self, model: Any) -> None:
         cfg = model.cfg
@@ -100,33 +107,34 @@ class CostCounter:
         self._mlp_per_token = 2 * d_model * d_mlp * (3 if gated else 2)
         self._attn_per_pair = 2 * 2 * n_heads * d_head
         self._unembed_per_token = 2 * d_model * int(cfg.d_vocab_out)
-        self._handles = [block.register_forward_pre_hook(self._on_block) for block in model.blocks]
-        self._handles.append(model.blocks[0].register_forward_pre_hook(self._on_first_block))
+        self._handles = [model.register_forward_pre_hook(self._on_call)]
+        for block in model.blocks:
+            self._handles.append(block.attn.hook_z.register_forward_hook(self._on_attention))
+            if hasattr(block, "mlp"):
+                self._handles.append(block.mlp.register_forward_pre_hook(self._on_mlp))
         self._handles.append(model.unembed.register_forward_pre_hook(self._on_unembed))
-        self._seen_calls: set[int] = set()
 
-    def _on_block(self, module: Any, args: tuple[Any, ...]) -> None:
-        resid = args[0]
-        rows, length = int(resid.shape[0]), int(resid.shape[1])
-        self.tally.block_rows += rows
-        self.tally.block_tokens += rows * length
-        self.tally.flops += rows * length * (self._proj_per_token + self._mlp_per_token)
+    def _on_call(self, module: Any, args: tuple[Any, ...]) -> None:
+        self.tally.calls += 1
+
+    def _on_attention(self, module: Any, args: tuple[Any, ...], z: Any) -> None:
+        rows, length = int(z.shape[0]), int(z.shape[1])
+        self.tally.layer_rows += rows
+        self.tally.layer_tokens += rows * length
+        self.tally.flops += rows * length * self._proj_per_token
         # TransformerLens computes every query-key pair and masks afterwards, so T² pairs ran.
         self.tally.flops += rows * length * length * self._attn_per_pair
 
-    def _on_first_block(self, module: Any, args: tuple[Any, ...]) -> None:
-        self.tally.calls += 1
+    def _on_mlp(self, module: Any, args: tuple[Any, ...]) -> None:
+        tokens = args[0].shape[:-1].numel()
+        self.tally.flops += tokens * self._mlp_per_token
 
     def _on_unembed(self, module: Any, args: tuple[Any, ...]) -> None:
-        resid = args[0]
-        self.tally.flops += int(resid.shape[0]) * int(resid.shape[1]) * self._unembed_per_token
-        if self.tally.block_rows == 0:
-            self.tally.calls += 1
+        self.tally.flops += args[0].shape[:-1].numel() * self._unembed_per_token
 
     def snapshot(self) -> _Tally:
-        return _Tally(
-            self.tally.calls, self.tally.block_rows, self.tally.block_tokens, self.tally.flops
-        )
+        t = self.tally
+        return _Tally(t.calls, t.layer_rows, t.layer_tokens, t.flops)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -161,8 +169,8 @@ def measure(
     sink[stage] = StageCost(
         wall_seconds=wall,
         forward_calls=after.calls - before.calls,
-        prompt_passes=(after.block_rows - before.block_rows) / n_layers,
-        tokens=(after.block_tokens - before.block_tokens) / n_layers,
+        prompt_passes=(after.layer_rows - before.layer_rows) / n_layers,
+        tokens=(after.layer_tokens - before.layer_tokens) / n_layers,
         flops=after.flops - before.flops,
         peak_rss_bytes=_peak_rss_bytes(),
         peak_gpu_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None,

@@ -32,13 +32,13 @@ def test_heads_outside_the_search_space_are_never_run():
     assert set(circuit.scores) == {"a1.h1"} and circuit.heads == {Head(1, 1)}
     # clean + corrupt metric (2 full passes), z cache and resid cache (2 full passes), and one
     # patched run of a1.h1 that starts at layer 1 (half a pass).
-    assert counter.tally.block_rows / ctx.n_layers == pytest.approx(4 * n + 0.5 * n)
+    assert counter.tally.layer_rows / ctx.n_layers == pytest.approx(4 * n + 0.5 * n)
 
     counter = CostCounter(ctx.model)
     ActPatch().discover(ctx, SearchSpace.dense(2, 2), ActPatch.Params())
     counter.remove()
     # dense: a0.h0 and a0.h1 from layer 0 (1 pass each), a1.* from layer 1 (half a pass each).
-    assert counter.tally.block_rows / ctx.n_layers == pytest.approx(4 * n + 2 * n + 2 * 0.5 * n)
+    assert counter.tally.layer_rows / ctx.n_layers == pytest.approx(4 * n + 2 * n + 2 * 0.5 * n)
 
 
 def test_a_model_that_ignores_the_task_is_reported():

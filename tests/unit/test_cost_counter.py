@@ -34,7 +34,7 @@ def test_analytic_flops_equal_torch_flop_counter(name):
     counter.remove()
     assert counter.tally.flops == reference.get_total_flops()
     assert counter.tally.calls == 1
-    assert counter.tally.block_rows == 2 * 3 and counter.tally.block_tokens == 2 * 30
+    assert counter.tally.layer_rows == 2 * 3 and counter.tally.layer_tokens == 2 * 30
 
 
 def test_partial_passes_count_only_the_layers_run():
@@ -54,7 +54,7 @@ def test_partial_passes_count_only_the_layers_run():
         resid = model(torch.randint(0, 20, (5, 6)), stop_at_layer=0)
         model(resid, start_at_layer=3)
     counter.remove()
-    assert counter.tally.block_rows == 5  # one block of 5 rows: a quarter of a pass each
+    assert counter.tally.layer_rows == 5  # one block of 5 rows: a quarter of a pass each
     with torch.no_grad():
         model(torch.randint(0, 20, (5, 6)))
-    assert counter.tally.block_rows == 5  # removed hooks count nothing
+    assert counter.tally.layer_rows == 5  # removed hooks count nothing
