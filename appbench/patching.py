@@ -61,6 +61,9 @@ class PatchingEngine:
         self.model = model
         self.task = task
         self.max_rows = max_rows
+        #: FLOPs of work done outside model modules (e.g. per-head projections); the runner
+        #: adds them to its own count.
+        self.extra_flops = 0.0
         if getattr(model.cfg, "positional_embedding_type", "") == "shortformer":
             raise ValueError(
                 "shortformer positional embeddings are not supported by the patching engine"
@@ -132,7 +135,6 @@ class PatchingEngine:
                 the first replaced layer instead of at the embedding.
         """
         replacements = dict(replacements or {})
-        model = self.model
         n, length = data.clean.shape
         start = min(replacements) if (replacements and resid_pre is not None) else 0
         if start > 0:
@@ -152,20 +154,40 @@ class PatchingEngine:
         hooks = [
             (z_hook_name(layer), make_hook(rep)) for layer, rep in sorted(replacements.items())
         ]
-        with model.hooks(fwd_hooks=hooks):
+        return self.run_to_target(data, model_input, start, hooks, n_variants)
+
+    @torch.no_grad()
+    def run_to_target(
+        self,
+        data: TaskData,
+        model_input: torch.Tensor,
+        start: int,
+        hooks: Sequence[tuple[str, Any]],
+        n_variants: int,
+    ) -> torch.Tensor:
+        """Run from layer ``start`` (tokens if 0, else the residual stream before ``start``) with
+        ``hooks``, and return the logits at each prompt's target position: [K, N, V]."""
+        model = self.model
+        with model.hooks(fwd_hooks=list(hooks)):
             if start > 0:
                 final = model(model_input, start_at_layer=start, stop_at_layer=self.n_layers)
             else:
                 final = model(model_input, stop_at_layer=self.n_layers)
-        rows = torch.arange(n_variants * n, device=final.device)
-        at_target = final[rows, data.target_pos.to(final.device).repeat(n_variants)][:, None, :]
+        rows = torch.arange(final.shape[0], device=final.device)
+        at_target = final[rows, data.target_pos.to(final.device).repeat(n_variants)]
+        return self.unembed_residual(at_target).view(n_variants, len(data), -1)
+
+    def unembed_residual(self, resid: torch.Tensor) -> torch.Tensor:
+        """Logits from final residual vectors [R, d_model] -> [R, V] (final norm, softcap)."""
+        model = self.model
+        x = resid[:, None, :]
         if model.cfg.normalization_type is not None:
-            at_target = model.ln_final(at_target)
-        logits = model.unembed(at_target)[:, 0, :]
+            x = model.ln_final(x)
+        logits = model.unembed(x)[:, 0, :]
         softcap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
         if softcap > 0:
             logits = softcap * torch.tanh(logits / softcap)
-        return logits.view(n_variants, n, -1)
+        return logits
 
     def metric(self, data: TaskData, logits: torch.Tensor) -> torch.Tensor:
         """Task metric per variant and prompt: [K, N, V] -> [K, N]."""
@@ -283,3 +305,338 @@ def _repeat_data(data: TaskData, k: int) -> TaskData:
         clean=data.clean.repeat(k, 1),
         corrupt=data.corrupt.repeat(k, 1),
     )
+
+
+# ------------------------------------------------------------------ path patching
+#: Architectures whose attention output passes through a norm after W_O: a sender's effect is
+#: then not additive in the residual stream, so frozen passes run through TransformerLens.
+_POST_NORM_ARCHITECTURES = ("OlmoForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+
+@dataclass(frozen=True)
+class PathPatchingCache:
+    """Clean and corrupted activations of one split, computed in two forward passes.
+
+    Attributes:
+        z_clean: [L, N, T, H, d_head] clean ``hook_z``.
+        z_corrupt: [L, N, T, H, d_head] corrupted ``hook_z``.
+        resid_pre: [L + 1, N, T, d_model] clean residual stream before each layer; index L
+            is the final residual (before the final norm).
+        attn_out: [L, N, T, d_model] clean ``hook_attn_out`` (what each attention layer adds).
+        m_clean: mean metric on clean prompts.
+        m_corrupt: mean metric on corrupted prompts.
+    """
+
+    z_clean: torch.Tensor
+    z_corrupt: torch.Tensor
+    resid_pre: torch.Tensor
+    attn_out: torch.Tensor
+    m_clean: float
+    m_corrupt: float
+
+    @property
+    def gap(self) -> float:
+        return self.m_clean - self.m_corrupt
+
+
+class PathPatcher:
+    """Exact path patching (APP spec 3.2), computed with far fewer FLOPs than two full forward
+    passes per sender per receiver input.
+
+    The reference measurement of a sender s (clean run, every ``hook_z`` frozen to its clean
+    value except s, which takes its corrupted value) has a closed structure that this class
+    exploits without changing any score:
+
+    - before s's layer the frozen run *is* the clean run, so it starts from the cached clean
+      residual stream at that layer;
+    - from s's layer on, every attention layer's output is frozen: it equals the clean
+      ``hook_attn_out`` plus, at s's layer, s's own change ``(z_corrupt - z_clean) W_O``. Only
+      the MLPs are recomputed, and with attention frozen no position sees any other, so the
+      logits stage runs MLPs at the target positions only;
+    - the frozen residual at a receiver's layer depends on the sender alone, so it is
+      computed once per (sender, layer) and reused for every receiver head and for q, k and v;
+    - the second pass (clean run, the receiver's q, k or v input replaced) starts from the
+      cached clean residual at the receiver's layer, stacks all senders and all three inputs
+      along the batch, and reads logits at the target positions only.
+
+    Architectures where that closed form does not hold (norms after W_O, split q/k/v inputs)
+    run the frozen passes through TransformerLens hooks instead; the scores are the same.
+
+    Args:
+        engine: the engine of the model and task.
+        data: the split to patch on (clean and corrupted prompts).
+        memo_bytes: budget for remembered frozen residuals (least recently used dropped).
+    """
+
+    def __init__(self, engine: PatchingEngine, data: TaskData, memo_bytes: int = 1 << 30) -> None:
+        self.engine = engine
+        self.model = engine.model
+        self.data = data
+        self.memo_bytes = memo_bytes
+        self._memo: dict[tuple[Head, int], torch.Tensor] = {}
+        self.cache = self._build_cache()
+        cfg = self.model.cfg
+        self.closed_form = not (
+            getattr(cfg, "use_normalization_before_and_after", False)
+            or getattr(cfg, "use_split_qkv_input", False)
+            or getattr(cfg, "use_attn_in", False)
+            or getattr(cfg, "original_architecture", None) in _POST_NORM_ARCHITECTURES
+        )
+
+    # ------------------------------------------------------------------ caches
+    @torch.no_grad()
+    def _build_cache(self) -> PathPatchingCache:
+        model, data, n_layers = self.model, self.data, self.engine.n_layers
+        names = {z_hook_name(layer) for layer in range(n_layers)}
+        names |= {resid_pre_name(layer) for layer in range(n_layers)}
+        names |= {f"blocks.{layer}.hook_attn_out" for layer in range(n_layers)}
+        final_name = f"blocks.{n_layers - 1}.hook_resid_post"
+        names.add(final_name)
+        _, clean = model.run_with_cache(
+            data.clean, names_filter=lambda name: name in names, return_type=None
+        )
+        _, corrupt = model.run_with_cache(
+            data.corrupt,
+            names_filter=lambda name: (
+                name in {final_name} | {z_hook_name(i) for i in range(n_layers)}
+            ),
+            return_type=None,
+        )
+        rows = torch.arange(len(data))
+        target = data.target_pos
+
+        def mean_metric(final: torch.Tensor) -> float:
+            logits = self.engine.unembed_residual(final[rows, target])
+            return float(self.engine.task.metric(logits.float(), data).mean())
+
+        resid = [clean[resid_pre_name(layer)] for layer in range(n_layers)] + [clean[final_name]]
+        cache = PathPatchingCache(
+            z_clean=torch.stack([clean[z_hook_name(layer)] for layer in range(n_layers)]),
+            z_corrupt=torch.stack([corrupt[z_hook_name(layer)] for layer in range(n_layers)]),
+            resid_pre=torch.stack(resid),
+            attn_out=torch.stack(
+                [clean[f"blocks.{layer}.hook_attn_out"] for layer in range(n_layers)]
+            ),
+            m_clean=mean_metric(clean[final_name]),
+            m_corrupt=mean_metric(corrupt[final_name]),
+        )
+        if abs(cache.gap) < 1e-6:
+            from appbench.runner import RunError
+
+            raise RunError(
+                f"clean and corrupted metrics coincide ({cache.m_clean:.4g}): path-patching "
+                "scores are undefined because the model does not do the task"
+            )
+        return cache
+
+    def sender_delta(self, senders: Sequence[Head], positions: torch.Tensor | None) -> torch.Tensor:
+        """Each sender's change to its layer's attention output: [K, N, P, d_model].
+
+        ``positions`` [N] selects one position per prompt (P = 1); None keeps all positions.
+        """
+        cache, w_o = self.cache, self.model.W_O
+        diffs, weights = [], []
+        for s in senders:
+            diff = cache.z_corrupt[s.layer, :, :, s.head] - cache.z_clean[s.layer, :, :, s.head]
+            if positions is not None:
+                diff = diff[torch.arange(diff.shape[0]), positions][:, None]
+            diffs.append(diff)
+            weights.append(w_o[s.layer, s.head])
+        diff_stack = torch.stack(diffs)  # [K, N, P, d_head]
+        self.engine.extra_flops += 2 * diff_stack.numel() * w_o.shape[-1]
+        return torch.einsum("knpe,ked->knpd", diff_stack, torch.stack(weights).to(diff_stack.dtype))
+
+    # ------------------------------------------------------------ frozen passes
+    @torch.no_grad()
+    def _frozen(
+        self, layer: int, until: int, delta: torch.Tensor, positions: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Residual stream before layer ``until`` of the frozen run of senders in ``layer``.
+
+        Args:
+            layer: the senders' layer (all of them share it).
+            until: stop before this layer (n_layers for the final residual).
+            delta: [K, N, P, d] the senders' changes (see :meth:`sender_delta`).
+            positions: the positions ``delta`` covers ([N], P = 1), or None for all.
+        """
+        cache, model = self.cache, self.model
+        k, n, p, d = delta.shape
+
+        def at(tensor: torch.Tensor) -> torch.Tensor:  # [N, T, d] -> [N, P, d]
+            return tensor if positions is None else tensor[torch.arange(n), positions][:, None]
+
+        x = at(cache.resid_pre[layer]).expand(k, n, p, d).reshape(k * n, p, d)
+        for current in range(layer, until):
+            block = model.blocks[current]
+            added = at(cache.attn_out[current]).expand(k, n, p, d).reshape(k * n, p, d)
+            if current == layer:
+                added = added + delta.reshape(k * n, p, d)
+            if model.cfg.attn_only:
+                x = x + added
+            elif model.cfg.parallel_attn_mlp:
+                x = x + added + block.apply_mlp(block.ln2(x))
+            else:
+                mid = x + added
+                x = mid + block.apply_mlp(block.ln2(mid))
+        return x.view(k, n, p, d)
+
+    @torch.no_grad()
+    def _frozen_by_hooks(self, senders: Sequence[Head], until: int) -> torch.Tensor:
+        """The frozen run through TransformerLens (architectures without the closed form)."""
+        model, cache, data = self.model, self.cache, self.data
+        k, (n, length) = len(senders), data.clean.shape
+        layer = senders[0].layer
+        heads = torch.tensor([s.head for s in senders])
+
+        def freeze(current: int) -> Any:
+            def hook(z: torch.Tensor, hook: Any) -> torch.Tensor:
+                frozen = (
+                    cache.z_clean[current][None].expand(k, *cache.z_clean[current].shape).clone()
+                )
+                if current == layer:
+                    frozen[torch.arange(k), :, :, heads] = cache.z_corrupt[current][
+                        :, :, heads
+                    ].permute(2, 0, 1, 3)
+                return frozen.reshape(z.shape).to(z.dtype)
+
+            return hook
+
+        hooks = [(z_hook_name(i), freeze(i)) for i in range(layer, until)]
+        start = cache.resid_pre[layer].repeat(k, 1, 1)
+        with model.hooks(fwd_hooks=hooks):
+            out = (
+                model(start, start_at_layer=layer, stop_at_layer=until)
+                if layer > 0
+                else model(data.clean.repeat(k, 1), stop_at_layer=until)
+            )
+        return out.view(k, n, length, -1)
+
+    def _frozen_resid_at(self, senders: Sequence[Head], until: int) -> torch.Tensor:
+        """[K, N, T, d] frozen residual before layer ``until`` for each sender (memoised)."""
+        missing = [s for s in senders if (s, until) not in self._memo]
+        by_layer: dict[int, list[Head]] = {}
+        for s in missing:
+            by_layer.setdefault(s.layer, []).append(s)
+        for layer, group in sorted(by_layer.items()):
+            for chunk in self.engine.chunks(len(group), len(self.data)):
+                part = [group[i] for i in chunk]
+                if self.closed_form:
+                    resid = self._frozen(layer, until, self.sender_delta(part, None), None)
+                else:
+                    resid = self._frozen_by_hooks(part, until)
+                for s, value in zip(part, resid, strict=True):
+                    self._remember((s, until), value)
+        return torch.stack([self._memo[(s, until)] for s in senders])
+
+    def _remember(self, key: tuple[Head, int], value: torch.Tensor) -> None:
+        self._memo[key] = value
+        size = value.numel() * value.element_size()
+        while len(self._memo) > 1 and size * len(self._memo) > self.memo_bytes:
+            self._memo.pop(next(iter(self._memo)))
+
+    # ------------------------------------------------------------------ scores
+    def _scores(self, metric_means: torch.Tensor) -> list[float]:
+        return ((metric_means - self.cache.m_clean) / self.cache.gap).tolist()
+
+    @torch.no_grad()
+    def logits_scores(self, senders: Sequence[Head]) -> dict[Head, float]:
+        """Score of each sender's path to the logits (receiver = final resid_post)."""
+        data, engine = self.data, self.engine
+        results: dict[Head, float] = {}
+        by_layer: dict[int, list[Head]] = {}
+        for s in sorted(set(senders)):
+            by_layer.setdefault(s.layer, []).append(s)
+        rows = torch.arange(len(data))
+        for layer, group in sorted(by_layer.items()):
+            for chunk in engine.chunks(len(group), len(data)):
+                part = [group[i] for i in chunk]
+                if self.closed_form:
+                    delta = self.sender_delta(part, data.target_pos)
+                    final = self._frozen(layer, engine.n_layers, delta, data.target_pos)[:, :, 0]
+                else:
+                    full = self._frozen_by_hooks(part, engine.n_layers)
+                    final = full[:, rows, data.target_pos]
+                logits = engine.unembed_residual(final.reshape(-1, final.shape[-1]))
+                values = engine.metric(data, logits.view(len(part), len(data), -1)).mean(dim=1)
+                results.update(zip(part, self._scores(values), strict=True))
+        return results
+
+    def receiver_input(self, resid: torch.Tensor, receiver: Head, kind: str) -> torch.Tensor:
+        """The receiver's ``hook_{kind}`` slice computed from residuals [K, N, T, d] -> [K, N, T, d_head]."""
+        from transformer_lens.utilities.attention import simple_attn_linear
+
+        block = self.model.blocks[receiver.layer]
+        attn = block.attn
+        k, n, length, d = resid.shape
+        normed = block.ln1(resid.reshape(k * n, length, d))
+        index = self.input_head_index(receiver, kind)
+        if kind == "q":
+            w, b = attn.W_Q, attn.b_Q
+        elif hasattr(attn, "_W_K") and not self.model.cfg.ungroup_grouped_query_attention:
+            w, b = (attn._W_K, attn._b_K) if kind == "k" else (attn._W_V, attn._b_V)
+        else:
+            w, b = (attn.W_K, attn.b_K) if kind == "k" else (attn.W_V, attn.b_V)
+        out = simple_attn_linear(normed, w[index : index + 1], b[index : index + 1])
+        self.engine.extra_flops += 2 * normed.shape[:-1].numel() * d * w.shape[-1]
+        return out[:, :, 0].view(k, n, length, -1)
+
+    def input_head_index(self, receiver: Head, kind: str) -> int:
+        """Index of the receiver's slice in ``hook_{kind}``: the KV head for k/v under GQA."""
+        cfg = self.model.cfg
+        n_kv = getattr(cfg, "n_key_value_heads", None)
+        if kind == "q" or not n_kv or cfg.ungroup_grouped_query_attention:
+            return receiver.head
+        return receiver.head // (cfg.n_heads // n_kv)
+
+    @torch.no_grad()
+    def receiver_scores(
+        self, receiver: Head, senders: Sequence[Head], inputs: Sequence[str] = ("q", "k", "v")
+    ) -> dict[str, dict[Head, float]]:
+        """Score of each sender's path into each input of ``receiver`` (senders before its layer)."""
+        data, engine = self.data, self.engine
+        senders = sorted(set(senders))
+        if any(s.layer >= receiver.layer for s in senders):
+            raise ValueError(f"senders must lie before the receiver's layer {receiver.layer}")
+        results: dict[str, dict[Head, float]] = {kind: {} for kind in inputs}
+        if not senders:
+            return results
+        patched = self._frozen_resid_at(senders, receiver.layer)  # [K, N, T, d]
+        variants = [(kind, s, i) for kind in inputs for i, s in enumerate(senders)]
+        per_variant = {kind: self.receiver_input(patched, receiver, kind) for kind in inputs}
+        clean_start = self.cache.resid_pre[receiver.layer]
+        for chunk in engine.chunks(len(variants), len(data)):
+            part = [variants[i] for i in chunk]
+            hooks = []
+            for kind in inputs:
+                rows = [j for j, (kd, _, _) in enumerate(part) if kd == kind]
+                if not rows:
+                    continue
+                values = per_variant[kind][[part[j][2] for j in rows]]
+                hooks.append(
+                    (
+                        f"blocks.{receiver.layer}.attn.hook_{kind}",
+                        self._input_hook(kind, receiver, rows, values, len(part)),
+                    )
+                )
+            model_input = clean_start.repeat(len(part), 1, 1)
+            if receiver.layer == 0:  # no senders can exist, kept for completeness
+                model_input = data.clean.repeat(len(part), 1)
+            logits = engine.run_to_target(data, model_input, receiver.layer, hooks, len(part))
+            means = engine.metric(data, logits).mean(dim=1)
+            for (kind, s, _), score in zip(part, self._scores(means), strict=True):
+                results[kind][s] = score
+        return results
+
+    def _input_hook(
+        self, kind: str, receiver: Head, rows: list[int], values: torch.Tensor, n_variants: int
+    ) -> Any:
+        index = self.input_head_index(receiver, kind)
+        n = len(self.data)
+        row_index = torch.tensor(rows)
+
+        def hook(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            shaped = act.view(n_variants, n, *act.shape[1:]).clone()
+            shaped[row_index, :, :, index] = values.to(act.dtype)
+            return shaped.view_as(act)
+
+        return hook

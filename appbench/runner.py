@@ -149,7 +149,11 @@ def _peak_rss_bytes() -> int:
 
 @contextmanager
 def measure(
-    counter: CostCounter | None, device: str, sink: dict[str, StageCost], stage: str
+    counter: CostCounter | None,
+    device: str,
+    sink: dict[str, StageCost],
+    stage: str,
+    extra_flops: Callable[[], float] = lambda: 0.0,
 ) -> Iterator[None]:
     """Time a stage and record its counters into ``sink[stage]``."""
     import torch
@@ -159,6 +163,7 @@ def measure(
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = counter.snapshot() if counter else _Tally()
+    extra_before = extra_flops()
     started = time.perf_counter()
     yield
     if cuda:
@@ -171,7 +176,7 @@ def measure(
         forward_calls=after.calls - before.calls,
         prompt_passes=(after.layer_rows - before.layer_rows) / n_layers,
         tokens=(after.layer_tokens - before.layer_tokens) / n_layers,
-        flops=after.flops - before.flops,
+        flops=after.flops - before.flops + extra_flops() - extra_before,
         peak_rss_bytes=_peak_rss_bytes(),
         peak_gpu_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None,
     )
@@ -347,7 +352,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
     counter = CostCounter(model)
     try:
         log(f"pruning with {cfg.pruner}")
-        with measure(counter, cfg.device, cost, "prune"):
+        with measure(counter, cfg.device, cost, "prune", lambda: engine.extra_flops):
             space = pruner_cls().prune(ctx, pruner_params)
         if not isinstance(space, SearchSpace) or (space.n_layers, space.n_heads) != (
             ctx.n_layers,
@@ -359,7 +364,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
         log(
             f"search space: {len(space)}/{space.total_heads} heads; discovering with {cfg.discoverer}"
         )
-        with measure(counter, cfg.device, cost, "discover"):
+        with measure(counter, cfg.device, cost, "discover", lambda: engine.extra_flops):
             circuit = discoverer_cls().discover(ctx, space, discoverer_params)
         if not isinstance(circuit, Circuit):
             raise RunError(
@@ -372,7 +377,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
                 + ", ".join(h.id for h in outside[:5])
             )
         log(f"circuit: {len(circuit)} heads; evaluating on {len(evaluation)} held-out prompts")
-        with measure(counter, cfg.device, cost, "evaluate"):
+        with measure(counter, cfg.device, cost, "evaluate", lambda: engine.extra_flops):
             faith = evaluate_circuit(ctx, circuit.heads)
     finally:
         counter.remove()
