@@ -313,6 +313,24 @@ def _repeat_data(data: TaskData, k: int) -> TaskData:
 _POST_NORM_ARCHITECTURES = ("OlmoForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
+def _plain_attention(cfg: Any) -> bool:
+    """Whether the last layer's attention can be computed for the target query alone with
+    TransformerLens's own pieces (no position-dependent extras we would have to mirror)."""
+    return (
+        cfg.positional_embedding_type in ("standard", "rotary")
+        and cfg.dtype in (torch.float32, torch.float64)
+        and getattr(cfg, "attention_dir", "causal") == "causal"
+        and not getattr(cfg, "use_qk_norm", False)
+        and getattr(cfg, "clip_qkv", None) is None
+        and not getattr(cfg, "use_logn_attn", False)
+        and not getattr(cfg, "use_attention_sinks", False)
+        and not getattr(cfg, "use_dynamic_ntk_rope", False)
+        and not getattr(cfg, "load_in_4bit", False)
+        and not getattr(cfg, "use_attn_result", False)
+        and all(kind == "global" for kind in (getattr(cfg, "attn_types", None) or ["global"]))
+    )
+
+
 @dataclass(frozen=True)
 class PathPatchingCache:
     """Clean and corrupted activations of one split, computed in two forward passes.
@@ -382,6 +400,7 @@ class PathPatcher:
             or getattr(cfg, "use_attn_in", False)
             or getattr(cfg, "original_architecture", None) in _POST_NORM_ARCHITECTURES
         )
+        self.target_only_last_layer = self.closed_form and _plain_attention(cfg)
 
     # ------------------------------------------------------------------ caches
     @torch.no_grad()
@@ -604,28 +623,120 @@ class PathPatcher:
         variants = [(kind, s, i) for kind in inputs for i, s in enumerate(senders)]
         per_variant = {kind: self.receiver_input(patched, receiver, kind) for kind in inputs}
         clean_start = self.cache.resid_pre[receiver.layer]
+        last = engine.n_layers - 1
         for chunk in engine.chunks(len(variants), len(data)):
             part = [variants[i] for i in chunk]
-            hooks = []
-            for kind in inputs:
-                rows = [j for j, (kd, _, _) in enumerate(part) if kd == kind]
-                if not rows:
-                    continue
-                values = per_variant[kind][[part[j][2] for j in rows]]
-                hooks.append(
+            rows_of = {kind: [j for j, v in enumerate(part) if v[0] == kind] for kind in inputs}
+            values_of = {
+                kind: per_variant[kind][[part[j][2] for j in rows]]
+                for kind, rows in rows_of.items()
+                if rows
+            }
+            n_part = len(part)
+            targets = data.target_pos.to(clean_start.device).repeat(n_part)
+            if self.target_only_last_layer and receiver.layer == last:
+                patches = [
+                    (
+                        kind,
+                        torch.tensor(rows).repeat_interleave(len(data)) * len(data)
+                        + torch.arange(len(data)).repeat(len(rows)),
+                        self.input_head_index(receiver, kind),
+                        values_of[kind].reshape(-1, *values_of[kind].shape[2:]),
+                    )
+                    for kind, rows in rows_of.items()
+                    if rows
+                ]
+                final = self.last_layer_at_target(
+                    clean_start.repeat(n_part, 1, 1), targets, patches
+                )
+                logits = engine.unembed_residual(final).view(n_part, len(data), -1)
+            else:
+                hooks = [
                     (
                         f"blocks.{receiver.layer}.attn.hook_{kind}",
-                        self._input_hook(kind, receiver, rows, values, len(part)),
+                        self._input_hook(kind, receiver, rows, values_of[kind], n_part),
                     )
-                )
-            model_input = clean_start.repeat(len(part), 1, 1)
-            if receiver.layer == 0:  # no senders can exist, kept for completeness
-                model_input = data.clean.repeat(len(part), 1)
-            logits = engine.run_to_target(data, model_input, receiver.layer, hooks, len(part))
+                    for kind, rows in rows_of.items()
+                    if rows
+                ]
+                model_input = clean_start.repeat(n_part, 1, 1)
+                if self.target_only_last_layer:
+                    with self.model.hooks(fwd_hooks=hooks):
+                        before_last = self.model(
+                            model_input, start_at_layer=receiver.layer, stop_at_layer=last
+                        )
+                    final = self.last_layer_at_target(before_last, targets)
+                    logits = engine.unembed_residual(final).view(n_part, len(data), -1)
+                else:
+                    logits = engine.run_to_target(data, model_input, receiver.layer, hooks, n_part)
             means = engine.metric(data, logits).mean(dim=1)
             for (kind, s, _), score in zip(part, self._scores(means), strict=True):
                 results[kind][s] = score
         return results
+
+    @torch.no_grad()
+    def last_layer_at_target(
+        self,
+        resid: torch.Tensor,
+        targets: torch.Tensor,
+        patches: Sequence[tuple[str, torch.Tensor, int, torch.Tensor]] = (),
+    ) -> torch.Tensor:
+        """The final residual at each row's target position, running the last layer for the
+        target query alone (keys and values still cover every position).
+
+        Every later position of the last layer is computed by a full forward pass and then
+        thrown away: only the target query, its attention over the prefix and the MLP at the
+        target reach the logits. Built from TransformerLens's own attention pieces.
+
+        Args:
+            resid: [R, T, d_model] residual stream before the last layer.
+            targets: [R] target position of each row.
+            patches: (kind, rows, index, values [len(rows), T, d_head]) replacing head
+                ``index`` of ``hook_{kind}`` on ``rows`` (a receiver in the last layer).
+        """
+        model = self.model
+        block = model.blocks[-1]
+        attn = block.attn
+        n_rows, length, d = resid.shape
+        rows = torch.arange(n_rows, device=resid.device)
+        normed = block.ln1(resid)
+        normed_target = normed[rows, targets][:, None]
+        q, k, v = attn.calculate_qkv_matrices(normed_target, normed, normed)
+        for kind, patch_rows, index, values in patches:
+            if kind == "q":
+                q[patch_rows, 0, index] = values[torch.arange(len(patch_rows)), targets[patch_rows]]
+            else:
+                (k if kind == "k" else v)[patch_rows, :, index] = values.to(k.dtype)
+        if model.cfg.positional_embedding_type == "rotary":
+            k = attn.apply_rotary(k, 0)
+            rotary = model.cfg.rotary_dim
+            cos = attn.rotary_cos[targets][:, None, None, :]
+            sin = attn.rotary_sin[targets][:, None, None, :]
+            q_rot = q[..., :rotary]
+            q = torch.cat([q_rot * cos + attn.rotate_every_two(q_rot) * sin, q[..., rotary:]], -1)
+        scores = attn.calculate_attention_scores(q, k)  # [R, H, 1, T]
+        future = torch.arange(length, device=resid.device)[None, :] > targets[:, None]
+        scores = scores.masked_fill(future[:, None, None, :], float("-inf"))
+        pattern = torch.softmax(scores, dim=-1)
+        pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern).to(v.dtype)
+        z = attn.calculate_z_scores(v, pattern)  # [R, 1, H, d_head]
+        w_o = attn.W_O.reshape(-1, attn.W_O.shape[-1]).T.contiguous()
+        out = torch.nn.functional.linear(z.reshape(n_rows, 1, -1).to(w_o.dtype), w_o, attn.b_O)
+        # The counter saw this layer as one token per row; add keys, values and scores of the
+        # other positions.
+        n_kv = k.shape[2]
+        others = n_rows * (length - 1)
+        self.engine.extra_flops += others * 2 * d * model.cfg.d_head * 2 * n_kv
+        self.engine.extra_flops += others * 2 * 2 * model.cfg.n_heads * model.cfg.d_head
+        x = resid[rows, targets][:, None]
+        if model.cfg.attn_only:
+            x = x + out
+        elif model.cfg.parallel_attn_mlp:
+            x = x + out + block.apply_mlp(block.ln2(x))
+        else:
+            mid = x + out
+            x = mid + block.apply_mlp(block.ln2(mid))
+        return x[:, 0]
 
     def _input_hook(
         self, kind: str, receiver: Head, rows: list[int], values: torch.Tensor, n_variants: int
