@@ -124,13 +124,15 @@ class PromptPair:
     """One generated example before tokenisation.
 
     ``answers`` and ``wrong`` are strings that must each tokenise to exactly one token (with
-    the leading space they carry in running text, e.g. " Mary").
+    the leading space they carry in running text, e.g. " Mary"), or token ids of the
+    generating tokenizer for answers that are no word of their own (the second subword token
+    of a name need not re-encode to that token when encoded alone).
     """
 
     clean: str
     corrupt: str
-    answers: tuple[str, ...]
-    wrong: tuple[str, ...]
+    answers: tuple[str | int, ...]
+    wrong: tuple[str | int, ...]
     group: str
 
 
@@ -145,6 +147,15 @@ def single_token_id(tokenizer: Any, text: str) -> int | None:
         return None
     unk = getattr(tokenizer, "unk_token_id", None)
     return None if unk is not None and ids[0] == unk else int(ids[0])
+
+
+def answer_token_id(tokenizer: Any, answer: str | int) -> int | None:
+    """The token id of a :class:`PromptPair` answer: an int is taken as an id (None when out
+    of the vocabulary), a string must encode to one known token."""
+    if isinstance(answer, int):
+        unk = getattr(tokenizer, "unk_token_id", None)
+        return answer if 0 <= answer < len(tokenizer) and answer != unk else None
+    return single_token_id(tokenizer, answer)
 
 
 def single_token_words(tokenizer: Any, words: Sequence[str], prefix: str = " ") -> list[str]:
@@ -178,8 +189,8 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[PromptPair], task: str) -> Ta
             raise TaskError(
                 f"task {task!r}: the tokenizer has no token for a word of {pair.clean!r}"
             )
-        ans = [single_token_id(tokenizer, a) for a in pair.answers]
-        wro = [single_token_id(tokenizer, w) for w in pair.wrong]
+        ans = [answer_token_id(tokenizer, a) for a in pair.answers]
+        wro = [answer_token_id(tokenizer, w) for w in pair.wrong]
         bad = [t for t, i in zip(pair.answers + pair.wrong, ans + wro, strict=True) if i is None]
         if bad:
             raise TaskError(

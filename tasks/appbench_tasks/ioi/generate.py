@@ -57,7 +57,7 @@ def vocabulary() -> list[str]:
         for slot in ("{X}", "{Y}", "{Z}", "{PLACE}", "{OBJECT}"):
             text = text.replace(slot, " ")
         words.update(text.replace(",", " , ").replace(".", " . ").split())
-    return [*sorted(words), ",", "."]
+    return sorted(words)
 
 
 class IOITask(Task):
