@@ -218,10 +218,14 @@ def evaluate_circuit(ctx: RunContext, heads: frozenset[Head]) -> Faithfulness:
 def _reference(ctx: RunContext, cfg: RunConfig, circuit: Circuit) -> Reference | None:
     """The shipped reference circuit, else the dense `actpatch` circuit computed here."""
     shipped = ctx.task.reference(cfg.model)
+    if shipped is None:
+        official = _official_name(cfg.model)
+        shipped = ctx.task.reference(official) if official else None
     if shipped is not None:
+        key, ref = shipped
         return Reference(
-            source=f"{ctx.task.name}/reference/{cfg.model}.json",
-            heads=[h.id for h in shipped.sorted_heads()],
+            source=f"{ctx.task.name}/reference/{cfg.model}.json#{key} v{ref.version}: {ref.source} ({ref.method})",
+            heads=sorted(ref.heads, key=Head.parse),
         )
     from appbench.plugins import get_registries
 
@@ -235,6 +239,16 @@ def _reference(ctx: RunContext, cfg: RunConfig, circuit: Circuit) -> Reference |
     dense = SearchSpace.dense(ctx.n_layers, ctx.n_heads)
     reference = actpatch().discover(ctx, dense, actpatch.Params())
     return Reference(source=source, heads=[h.id for h in reference.sorted_heads()])
+
+
+def _official_name(name: str) -> str | None:
+    """TransformerLens's official name for an alias (gpt2-small -> gpt2), if it has one."""
+    try:
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+
+        return str(get_official_model_name(name))
+    except (ValueError, ImportError):
+        return None
 
 
 def _speedup(

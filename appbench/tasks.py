@@ -9,7 +9,6 @@ model's own tokenizer, and a tokenizer that cannot express the task raises :clas
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -18,6 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from appbench.circuit import Head
 
 if TYPE_CHECKING:
     import torch
@@ -286,18 +287,66 @@ class Task:
         evaluation = tokenize_pairs(tokenizer, pairs[n_s:], self.name)
         return search, evaluation
 
-    def reference(self, model_name: str) -> Circuit | None:
-        """The reference circuit shipped for ``model_name``, or None."""
-        from appbench.circuit import Circuit
-
+    def reference_file(self, model_name: str) -> ReferenceFile | None:
+        """The reference circuits shipped for ``model_name`` (``reference/<model>.json``)."""
         if not self.package:
             return None
         folder = resources.files(self.package).joinpath("reference")
         entry = folder.joinpath(f"{model_name.replace('/', '__')}.json")
         if not entry.is_file():
             return None
-        data = json.loads(entry.read_text())
-        return Circuit.from_dict(data["circuit"])
+        try:
+            return ReferenceFile.model_validate_json(entry.read_text())
+        except ValidationError as exc:
+            first = str(exc).splitlines()[0]
+            raise TaskError(f"{entry}: invalid reference file ({first})") from exc
+
+    def reference(self, model_name: str) -> tuple[str, ReferenceCircuit] | None:
+        """The default reference circuit for ``model_name`` and its key, or None."""
+        shipped = self.reference_file(model_name)
+        if shipped is None:
+            return None
+        return shipped.default, shipped.circuits[shipped.default]
+
+
+class ReferenceCircuit(BaseModel):
+    """One reference circuit with its provenance."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    heads: list[str] = Field(description="head ids, e.g. a9.h6")
+    n_layers: int = Field(gt=0, description="layers of the model")
+    n_heads: int = Field(gt=0, description="heads per layer")
+    source: str = Field(description="paper or command the circuit comes from")
+    method: str = Field(description="how it was found (manual path patching, automated PP, ...)")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="settings of the method")
+    version: str = Field(description="version of this reference; bump when the heads change")
+    classes: dict[str, list[str]] = Field(
+        default_factory=dict, description="optional functional classes of heads (name movers, ...)"
+    )
+    notes: str = Field(default="", description="caveats (MLPs left out, unverified lists, ...)")
+
+    def circuit(self) -> Circuit:
+        from appbench.circuit import Circuit
+
+        return Circuit(self.n_layers, self.n_heads, frozenset(Head.parse(h) for h in self.heads))
+
+
+class ReferenceFile(BaseModel):
+    """``reference/<model>.json`` of a task folder: named circuits and which one is the default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(description="task name")
+    model: str = Field(description="model name")
+    default: str = Field(description="key of the circuit overlap is measured against")
+    circuits: dict[str, ReferenceCircuit] = Field(description="circuits by key")
+
+    def model_post_init(self, context: Any) -> None:
+        if self.default not in self.circuits:
+            raise ValueError(
+                f"default circuit {self.default!r} is not among {sorted(self.circuits)}"
+            )
 
 
 def load_spec(folder: Traversable) -> TaskSpec:
