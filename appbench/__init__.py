@@ -6,6 +6,8 @@ by the functions that need them, so importing appbench is cheap.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pluggy
 
 from appbench.circuit import QKV, Circuit, Edge, Head, SearchSpace
@@ -14,11 +16,19 @@ from appbench.models import (
     ModelLoadError,
     build_model,
     cache_dir,
+    load_hf_directory,
     load_model,
     load_model_folder,
     load_tokenizer,
     save_model_folder,
     word_level_tokenizer,
+)
+from appbench.path_patching import (
+    PathPatchingBaseline,
+    input_head_index,
+    path_patching_baseline,
+    sender_scores_to_logits,
+    sender_scores_to_receiver,
 )
 from appbench.plugins import get_registries
 from appbench.registry import PluginError, UnknownNameError
@@ -37,6 +47,18 @@ from appbench.tasks import (
 
 __version__ = "0.1.0"
 
+#: Names served lazily: their modules import torch, which `appbench --help` must not pay for.
+_LAZY = {"PatchingEngine": "appbench.patching", "PathPatcher": "appbench.patching"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'appbench' has no attribute {name!r}")
+
+
 #: Marks a function as an implementation of an appbench hook.
 hookimpl = pluggy.HookimplMarker("appbench")
 
@@ -48,6 +70,9 @@ __all__ = [
     "Head",
     "ModelLoadError",
     "Params",
+    "PatchingEngine",
+    "PathPatcher",
+    "PathPatchingBaseline",
     "PluginError",
     "PromptPair",
     "Pruner",
@@ -64,11 +89,16 @@ __all__ = [
     "cache_dir",
     "get_registries",
     "hookimpl",
+    "input_head_index",
+    "load_hf_directory",
     "load_model",
     "load_model_folder",
     "load_tokenizer",
     "mean_of_ids",
+    "path_patching_baseline",
     "save_model_folder",
+    "sender_scores_to_logits",
+    "sender_scores_to_receiver",
     "single_token_id",
     "single_token_words",
     "tokenize_pairs",

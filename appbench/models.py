@@ -1,13 +1,25 @@
-"""Model loading: registered models (the zoo, plugins), TransformerLens names, the cache directory.
+"""Model loading: registered models (the zoo, plugins), local Hugging Face directories,
+TransformerLens names, the cache directory.
 
 Every model is a TransformerLens ``HookedTransformer`` with **unprocessed** weights (no folded
 layer norms or centred weights): FLAP reads ``W_O`` norms, which processing changes.
+
+``load_model(name)`` resolves, in order: a path to an existing directory (a Hugging Face
+causal-LM folder saved with ``save_pretrained``), a registered model, a TransformerLens model
+name. Only the last may contact the Hugging Face hub, and only when it answers quickly: an
+unreachable hub switches that load to offline mode, so that cached weights still load and
+missing ones fail at once instead of after half a minute of retries.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
@@ -112,25 +124,122 @@ def save_model_folder(model: Any, folder: Path, config: dict[str, Any], card: st
     (folder / "README.md").write_text(card)
 
 
+#: Seconds to wait for the Hugging Face hub before treating it as unreachable.
+HUB_PROBE_TIMEOUT = 3.0
+
+
+def hub_endpoint() -> str:
+    """The Hugging Face hub endpoint in use (``$HF_ENDPOINT`` or huggingface.co)."""
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.ENDPOINT)
+    except ImportError:
+        return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_offline_requested() -> bool:
+    """Whether the user switched the hub off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.is_offline_mode())
+    except ImportError:
+        flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+        return any((f or "").upper() in {"1", "ON", "YES", "TRUE"} for f in flags)
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """Whether the hub answers an HTTP request within ``timeout`` seconds (any status counts).
+
+    Goes through httpx, as huggingface_hub does, so proxy settings in the environment apply.
+    """
+    try:
+        import httpx
+    except ImportError:  # cannot probe: let the hub client decide
+        return True
+    try:
+        httpx.head(hub_endpoint(), timeout=timeout, follow_redirects=False)
+    except (httpx.HTTPError, OSError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Offline mode for the Hugging Face libraries inside the block, restored afterwards.
+
+    huggingface_hub reads ``HF_HUB_OFFLINE`` once, at import, into ``constants.HF_HUB_OFFLINE``;
+    its ``is_offline_mode()`` (which transformers consults) returns that constant, so the
+    constant is switched along with the variable (the variable covers subprocesses).
+    """
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        constants = None  # type: ignore[assignment]
+    saved_env = os.environ.get("HF_HUB_OFFLINE")
+    saved_const = bool(getattr(constants, "HF_HUB_OFFLINE", False))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = saved_const
+
+
+def _hf_cache_hint() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:
+        return "the Hugging Face cache"
+
+
 def load_transformer_lens(name: str, device: str) -> Any:
-    """A TransformerLens model by official name, unprocessed; one clear error when unavailable."""
+    """A TransformerLens model by official name, unprocessed; one clear error when unavailable.
+
+    When the hub is unreachable (or ``HF_HUB_OFFLINE`` is set) the load runs in offline mode:
+    weights already in the Hugging Face cache load, missing ones fail at once. Users with hub
+    access download as usual.
+    """
     import warnings
 
+    offline = hub_offline_requested() or not hub_reachable()
+    guard = hub_offline() if offline else contextlib.nullcontext()
     try:
         from transformer_lens import HookedTransformer
 
-        with warnings.catch_warnings():
+        with guard, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = HookedTransformer.from_pretrained_no_processing(name, device=device)
     except OSError as exc:
+        if offline:
+            raise ModelLoadError(
+                f"model '{name}': the Hugging Face hub ({hub_endpoint()}) is unreachable or "
+                f"switched off and the weights are not in {_hf_cache_hint()}; run "
+                f"`appbench models pull {name}` once with hub access, or pass a local model "
+                "directory (--model ./dir)"
+            ) from exc
         raise ModelLoadError(
-            f"model '{name}': weights are not in the Hugging Face cache and the hub is unreachable "
-            f"({type(exc).__name__}); download them once with hub access, or pass a local directory"
+            f"model '{name}': cannot download it from the Hugging Face hub "
+            f"({type(exc).__name__}: {_first_line(exc)})"
         ) from exc
     if model.tokenizer is not None:
         model.tokenizer.padding_side = "right"
     model.eval()
     return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def is_transformer_lens_name(name: str) -> bool:
@@ -144,23 +253,178 @@ def is_transformer_lens_name(name: str) -> bool:
         return False
 
 
-def load_model(name: str, device: str = "cpu") -> Any:
-    """Load a registered model, else a TransformerLens model by name.
+def transformer_lens_names() -> list[str]:
+    """Every official TransformerLens model name and alias (empty if TransformerLens is absent)."""
+    try:
+        from transformer_lens.loading_from_pretrained import make_model_alias_map
+    except ImportError:
+        return []
+    alias_map = make_model_alias_map()
+    return sorted(set(alias_map) | set(alias_map.values()))
+
+
+# ----------------------------------------------------------- local Hugging Face directories
+#: Weight files a Hugging Face model directory may hold (any one suffices).
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+#: Tokenizer files, any one of which lets AutoTokenizer load the directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a filesystem path rather than a model name."""
+    return (
+        name.startswith(("./", "../", "/", "~", ".\\", "..\\"))
+        or name in {".", ".."}
+        or Path(name).expanduser().exists()
+    )
+
+
+def load_hf_directory(path: str | Path, device: str = "cpu", n_ctx: int | None = None) -> Any:
+    """A Hugging Face causal-LM directory as a HookedTransformer with unprocessed weights.
+
+    The directory needs ``config.json`` (with ``architectures``), weights (safetensors or
+    PyTorch) and a tokenizer, as ``save_pretrained`` writes them. Weights are loaded in float32
+    with Hugging Face, then converted by TransformerLens's own converter for the architecture;
+    nothing is folded or centred. Nothing is downloaded: the load runs in offline mode.
+
+    Args:
+        path: the directory.
+        device: torch device for the TransformerLens model.
+        n_ctx: context length to build the model with (default: the config's). TransformerLens
+            allocates an ``n_ctx x n_ctx`` causal mask per layer, so a shorter context saves
+            memory on long-context models; the weights do not depend on it.
 
     Raises:
-        ModelLoadError: unknown name (with did-you-mean over registered models), or weights
-            that cannot be had.
+        ModelLoadError: the directory lacks a usable config, weights or tokenizer, or
+            TransformerLens cannot convert its architecture.
+    """
+    import warnings
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(f"{path}: no such model directory")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(
+            f"{folder}: no config.json; expected a Hugging Face model directory "
+            "(save_pretrained writes config.json, model.safetensors and the tokenizer files)"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{config_file}: not valid JSON ({_first_line(exc)})") from exc
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    if not architectures:
+        raise ModelLoadError(
+            f"{config_file}: no 'architectures' entry (e.g. [\"LlamaForCausalLM\"]); "
+            "TransformerLens picks its converter by architecture"
+        )
+    if not any((folder / f).is_file() for f in WEIGHT_FILES):
+        raise ModelLoadError(f"{folder}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{folder}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer with tokenizer.save_pretrained(dir)"
+        )
+    with hub_offline(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _convert_hf_directory(folder, str(architectures[0]), device, n_ctx)
+
+
+def _convert_hf_directory(folder: Path, architecture: str, device: str, n_ctx: int | None) -> Any:
+    import torch
+    from transformer_lens import HookedTransformer
+    from transformer_lens.loading_from_pretrained import (
+        get_pretrained_model_config,
+        get_pretrained_state_dict,
+    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # transformers raises many types for broken tokenizer files
+        raise ModelLoadError(f"{folder}: cannot load the tokenizer ({_first_line(exc)})") from exc
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{folder}: Hugging Face cannot load the model ({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
+    # TransformerLens chooses some converters by substrings of the model *name* ("llama",
+    # "gemma", ...) and then skips reading the config, so a directory named after its model
+    # breaks it. A neutrally named copy of config.json makes the config.json alone decide.
+    with tempfile.TemporaryDirectory(prefix="appbench-config-") as tmp:
+        neutral = Path(tmp) / "local-model"
+        neutral.mkdir()
+        shutil.copy(folder / "config.json", neutral / "config.json")
+        try:
+            cfg = get_pretrained_model_config(
+                str(neutral), fold_ln=False, device=device, dtype=torch.float32, n_ctx=n_ctx
+            )
+            cfg.model_name = folder.resolve().name
+            state = get_pretrained_state_dict(str(neutral), cfg, hf_model=hf_model)
+        except Exception as exc:  # TransformerLens raises anything from KeyError to NotImplemented
+            raise ModelLoadError(
+                f"{folder}: TransformerLens 3.9 cannot convert architecture {architecture} "
+                f"({type(exc).__name__}: {_first_line(exc)})"
+            ) from exc
+    del hf_model
+    try:
+        model = HookedTransformer(cfg, tokenizer=tokenizer, default_padding_side="right")
+        model.load_and_process_state_dict(
+            state,
+            fold_ln=False,
+            center_writing_weights=False,
+            center_unembed=False,
+            fold_value_biases=False,
+            refactor_factored_attn_matrices=False,
+        )
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise ModelLoadError(
+            f"{folder}: the converted weights do not fit ({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
+    if model.tokenizer is not None:
+        model.tokenizer.padding_side = "right"
+    model.eval()
+    return model
+
+
+def _unknown_model(name: str, registered: list[str]) -> ModelLoadError:
+    """One line: the unknown name, the closest registered or TransformerLens name, the options."""
+    close = difflib.get_close_matches(name, registered, n=1) or difflib.get_close_matches(
+        name, transformer_lens_names(), n=1, cutoff=0.75
+    )
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    listing = ", ".join(registered) if registered else "(none)"
+    return ModelLoadError(
+        f"Unknown model '{name}'.{hint} Available: {listing}, any TransformerLens model name "
+        "(e.g. 'gpt2') or a local Hugging Face model directory (e.g. ./my-model)"
+    )
+
+
+def load_model(name: str, device: str = "cpu") -> Any:
+    """Load a local model directory, a registered model, else a TransformerLens model by name.
+
+    Raises:
+        ModelLoadError: unknown name (with did-you-mean over registered and TransformerLens
+            names), a path that is not a usable model directory, or weights that cannot be had.
     """
     from appbench.plugins import get_registries
-    from appbench.registry import UnknownNameError
 
+    if Path(name).expanduser().is_dir():
+        return load_hf_directory(name, device)
     models = get_registries().models
     if name in models:
         return models.get(name).loader(device)
+    if Path(name).expanduser().is_file():
+        raise ModelLoadError(f"{name}: a file, not a model directory")
+    if looks_like_path(name):
+        raise ModelLoadError(f"{name}: no such model directory")
     if is_transformer_lens_name(name):
         return load_transformer_lens(name, device)
-    try:
-        models.get(name)
-    except UnknownNameError as exc:
-        raise ModelLoadError(f"{exc} (or any TransformerLens model name, e.g. 'gpt2')") from None
-    raise AssertionError("unreachable")
+    raise _unknown_model(name, models.names())

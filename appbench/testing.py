@@ -207,3 +207,302 @@ def gpt2_tok(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def planted_ctx() -> RunContext:
     """A fresh RunContext on the planted 2x2 model and the toy task."""
     return toy_context()
+
+
+# --------------------------------------------------------------------------------------------
+# Planted models whose paths enter the receiver through its query or key (path patching tests)
+#
+# All four use the toy vocabulary and :class:`ToyTask` ("A x y z" -> yes, corrupted "B x y z"),
+# 8 heads per layer (with fewer heads per layer, one outlier among a layer's senders cannot
+# clear the sqrt selection rule's threshold, see the pathpatch discoverer), d_model 24,
+# d_head 4, attention only, no layer norm. Residual channels:
+#
+#   0-9    one-hot token embedding (token id t -> channel t)
+#   10     constant 1 at every position (from the positional embedding)
+#   11-14  one-hot position 0..3 (from the positional embedding)
+#   15-18  signal channels S1, S1b, S2, S3 written and read by the planted heads
+#   20-22  junk channels: distractor heads write there and nothing reads them
+#
+# Two attention primitives are exact up to a softmax leak of order e^-20: a head "attends to
+# position 0" (query reads the constant channel, key reads position 0's channel) or "attends to
+# itself" (query and key read the one-hot position channels). Scores are +/-20 after
+# TransformerLens's 1/sqrt(d_head) scale. The unembedding reads one output channel c only:
+# logit(yes) - logit(no) = 2 x c, so clean prompts score +2 and corrupted ones -2 (per path).
+# --------------------------------------------------------------------------------------------
+
+_CONST, _POSITIONS = 10, (11, 12, 13, 14)
+_S1, _S1B, _S2, _S3 = 15, 16, 17, 18
+_JUNK = (20, 21, 22)
+_SHARP = 40.0
+
+#: planted_query_model: a0.h0 -> a1.h2 through the receiver's query.
+PLANTED_QUERY_CIRCUIT = frozenset({Head(0, 0), Head(1, 2)})
+PLANTED_QUERY_EDGES = frozenset({"a0.h0->a1.h2<q>", "a1.h2->logits"})
+#: planted_key_model: a0.h0 -> a1.h5 through the receiver's key.
+PLANTED_KEY_CIRCUIT = frozenset({Head(0, 0), Head(1, 5)})
+PLANTED_KEY_EDGES = frozenset({"a0.h0->a1.h5<k>", "a1.h5->logits"})
+#: planted_chain_model: a0.h0 -> a1.h3 <k> -> a2.h5 <q> -> logits.
+PLANTED_CHAIN_CIRCUIT = frozenset({Head(0, 0), Head(1, 3), Head(2, 5)})
+PLANTED_CHAIN_EDGES = frozenset({"a0.h0->a1.h3<k>", "a1.h3->a2.h5<q>", "a2.h5->logits"})
+#: planted_gqa_model: a0.h0 -> KV head 1 <k> (a1.h6, a1.h7); a0.h4 -> a1.h1 <v>.
+PLANTED_GQA_CIRCUIT = frozenset({Head(0, 0), Head(0, 4), Head(1, 1), Head(1, 6), Head(1, 7)})
+PLANTED_GQA_EDGES = frozenset(
+    {
+        "a0.h0->a1.h6<k>",
+        "a0.h0->a1.h7<k>",
+        "a0.h4->a1.h1<v>",
+        "a1.h1->logits",
+        "a1.h6->logits",
+        "a1.h7->logits",
+    }
+)
+
+
+class _Wiring:
+    """Hand-set weights of a zeroed attention-only model, head by head."""
+
+    def __init__(self, model: Any) -> None:
+        import torch
+
+        self.model = model
+        self.vocab = model.tokenizer.get_vocab()
+        self.state = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+        n_kv = model.cfg.n_key_value_heads
+        self.group = 1 if n_kv is None else model.cfg.n_heads // n_kv
+        self.kv_prefix = "_" if n_kv is not None else ""
+        for index in self.vocab.values():
+            self.state["embed.W_E"][index, index] = 1.0
+        self.state["pos_embed.W_pos"][:, _CONST] = 1.0
+        for position, channel in enumerate(_POSITIONS):
+            self.state["pos_embed.W_pos"][position, channel] = 1.0
+
+    def q(self, layer: int, head: int, channel: int, dim: int, weight: float) -> None:
+        self.state[f"blocks.{layer}.attn.W_Q"][head, channel, dim] = weight
+
+    def k(self, layer: int, head: int, channel: int, dim: int, weight: float) -> None:
+        name = f"blocks.{layer}.attn.{self.kv_prefix}W_K"
+        self.state[name][head // self.group, channel, dim] = weight
+
+    def v(self, layer: int, head: int, channel: int, weight: float) -> None:
+        name = f"blocks.{layer}.attn.{self.kv_prefix}W_V"
+        self.state[name][head // self.group, channel, 0] = weight
+
+    def o(self, layer: int, head: int, channel: int) -> None:
+        self.state[f"blocks.{layer}.attn.W_O"][head, 0, channel] = 1.0
+
+    def attend_position_0(self, layer: int, head: int) -> None:
+        self.q(layer, head, _CONST, 0, _SHARP)
+        self.k(layer, head, _POSITIONS[0], 0, 1.0)
+
+    def attend_self(self, layer: int, head: int) -> None:
+        for dim, channel in enumerate(_POSITIONS):
+            self.q(layer, head, channel, dim, _SHARP)
+            self.k(layer, head, channel, dim, 1.0)
+
+    def read_signal_token(self, layer: int, head: int) -> None:
+        """Value +1 on A, -1 on B (the signal token), 0 on every other token."""
+        self.v(layer, head, self.vocab["A"], 1.0)
+        self.v(layer, head, self.vocab["B"], -1.0)
+
+    def filler_distractor(self, layer: int, head: int, junk: int) -> None:
+        """Uniform attention over the filler tokens, written into a junk channel."""
+        for filler in ("x", "y", "z"):
+            self.v(layer, head, self.vocab[filler], 1.0)
+        self.o(layer, head, junk)
+
+    def unembed(self, channel: int) -> Any:
+        self.state["unembed.W_U"][channel, self.vocab["yes"]] = 1.0
+        self.state["unembed.W_U"][channel, self.vocab["no"]] = -1.0
+        device = self.model.cfg.device
+        self.model.load_state_dict({k: v.to(device) for k, v in self.state.items()}, strict=False)
+        self.model.eval()
+        return self.model
+
+
+def _attention_model(
+    name: str, n_layers: int, device: str, n_key_value_heads: int | None = None
+) -> _Wiring:
+    from appbench.models import build_model
+
+    tokenizer = toy_tokenizer()
+    config: dict[str, Any] = {
+        "n_layers": n_layers,
+        "n_heads": 8,
+        "d_model": 24,
+        "d_head": 4,
+        "n_ctx": 8,
+        "d_vocab": len(tokenizer.get_vocab()),
+        "attn_only": True,
+        "normalization_type": None,
+        "act_fn": "relu",
+        "positional_embedding_type": "standard",
+        "model_name": name,
+    }
+    if n_key_value_heads is not None:
+        config["n_key_value_heads"] = n_key_value_heads
+    return _Wiring(build_model(config, tokenizer, device))
+
+
+def _query_receiver(wiring: _Wiring, layer: int, head: int, reads: int, writes: int) -> None:
+    """Query reads channel ``reads``: positive -> attend to position 1, negative -> position 2.
+
+    Keys are +1 at position 1 and -1 at position 2 (0 elsewhere); values are +1 at position 1
+    and -1 at position 2. The head therefore writes sign(channel ``reads``) into ``writes``.
+    """
+    wiring.q(layer, head, reads, 0, _SHARP)
+    wiring.k(layer, head, _POSITIONS[1], 0, 1.0)
+    wiring.k(layer, head, _POSITIONS[2], 0, -1.0)
+    wiring.v(layer, head, _POSITIONS[1], 1.0)
+    wiring.v(layer, head, _POSITIONS[2], -1.0)
+    wiring.o(layer, head, writes)
+
+
+def _key_receiver(wiring: _Wiring, layer: int, head: int, reads: int, writes: int) -> None:
+    """Constant query; key at each position reads channel ``reads`` there.
+
+    When that channel is +1 at position 0 the head attends to position 0 (value +1); when it is
+    -1 there, position 0 is shunned and the head averages positions 1..3 (value -1 each).
+    """
+    wiring.q(layer, head, _CONST, 0, _SHARP)
+    wiring.k(layer, head, reads, 0, 1.0)
+    wiring.v(layer, head, _POSITIONS[0], 1.0)
+    for channel in _POSITIONS[1:]:
+        wiring.v(layer, head, channel, -1.0)
+    wiring.o(layer, head, writes)
+
+
+def planted_query_model(device: str = "cpu") -> Any:
+    """A 2-layer, 8-head model where the sender reaches the receiver only through its **query**.
+
+    - ``a0.h0`` attends to position 0 from every position and writes the signal there (+1 for
+      A on clean prompts, -1 for B on corrupted ones) into S1, at every position;
+    - ``a1.h2`` reads S1 through its **query** only: on +1 it attends to position 1, on -1 to
+      position 2. Its keys and values read the position channels alone (value +1 at position
+      1, -1 at position 2), and it writes its output into S2, which the unembedding reads.
+
+    Distractors: ``a0.h1`` copies filler tokens into a junk channel, ``a1.h0`` reads S1 through
+    its value (its activation differs between clean and corrupted prompts) into another junk
+    channel. The other heads are zero. Circuit: exactly {a0.h0, a1.h2}; edges a0.h0 -> a1.h2
+    <q> and a1.h2 -> logits (:data:`PLANTED_QUERY_EDGES`). Hand-derived path-patching scores:
+    a1.h2 -> logits = -1, a0.h0 -> a1.h2 <q> = -1, everything else 0.
+    """
+    wiring = _attention_model("planted-query", 2, device)
+    wiring.attend_position_0(0, 0)
+    wiring.read_signal_token(0, 0)
+    wiring.o(0, 0, _S1)
+    wiring.filler_distractor(0, 1, _JUNK[0])
+    _query_receiver(wiring, 1, 2, _S1, _S2)
+    wiring.v(1, 0, _S1, 1.0)
+    wiring.o(1, 0, _JUNK[1])
+    return wiring.unembed(_S2)
+
+
+def planted_key_model(device: str = "cpu") -> Any:
+    """A 2-layer, 8-head model where the sender reaches the receiver only through its **key**.
+
+    - ``a0.h0`` attends to itself and writes the signal (+1 for A, -1 for B) into S1: at
+      position 0 only, since the other positions hold filler tokens;
+    - ``a1.h5`` has a constant query and reads S1 through its **key** only: on +1 at position
+      0 it attends to position 0 (value +1), on -1 it shuns position 0 and averages positions
+      1..3 (value -1 each). It writes into S2, which the unembedding reads.
+
+    Distractors as in :func:`planted_query_model` (``a0.h1`` on fillers, ``a1.h0`` reading S1
+    into junk). Circuit: exactly {a0.h0, a1.h5}; edges a0.h0 -> a1.h5 <k> and a1.h5 -> logits
+    (:data:`PLANTED_KEY_EDGES`). Hand-derived scores: a1.h5 -> logits = -1, a0.h0 -> a1.h5
+    <k> = -1, everything else 0.
+    """
+    wiring = _attention_model("planted-key", 2, device)
+    wiring.attend_self(0, 0)
+    wiring.read_signal_token(0, 0)
+    wiring.o(0, 0, _S1)
+    wiring.filler_distractor(0, 1, _JUNK[0])
+    _key_receiver(wiring, 1, 5, _S1, _S2)
+    wiring.v(1, 0, _S1, 1.0)
+    wiring.o(1, 0, _JUNK[1])
+    return wiring.unembed(_S2)
+
+
+def planted_chain_model(device: str = "cpu") -> Any:
+    """A 3-layer, 8-head chain: a0.h0 -> a1.h3 through its key -> a2.h5 through its query.
+
+    - ``a0.h0`` attends to itself and writes the signal into S1 at position 0 (as in
+      :func:`planted_key_model`);
+    - ``a1.h3`` is that model's key receiver: it writes +1 (clean) or -1 (corrupted) into S2
+      at the target position;
+    - ``a2.h5`` is :func:`planted_query_model`'s query receiver reading S2 and writing S3,
+      which the unembedding reads.
+
+    Distractors: ``a0.h1`` (fillers), ``a1.h0`` (reads S1), ``a2.h0`` (reads S2), each into its
+    own junk channel. Circuit: exactly {a0.h0, a1.h3, a2.h5}; edges a0.h0 -> a1.h3 <k>,
+    a1.h3 -> a2.h5 <q>, a2.h5 -> logits (:data:`PLANTED_CHAIN_EDGES`). Because every other
+    head's ``hook_z`` is frozen, a0.h0 -> logits and a0.h0 -> a2.h5 <q> score 0: the chain
+    is found one link at a time.
+    """
+    wiring = _attention_model("planted-chain", 3, device)
+    wiring.attend_self(0, 0)
+    wiring.read_signal_token(0, 0)
+    wiring.o(0, 0, _S1)
+    wiring.filler_distractor(0, 1, _JUNK[0])
+    _key_receiver(wiring, 1, 3, _S1, _S2)
+    wiring.v(1, 0, _S1, 1.0)
+    wiring.o(1, 0, _JUNK[1])
+    _query_receiver(wiring, 2, 5, _S2, _S3)
+    wiring.v(2, 0, _S2, 1.0)
+    wiring.o(2, 0, _JUNK[2])
+    return wiring.unembed(_S3)
+
+
+def planted_gqa_model(device: str = "cpu") -> Any:
+    """A 2-layer model with grouped-query attention: 8 query heads, 2 key-value heads.
+
+    Query heads 0-3 share KV head 0 and heads 4-7 share KV head 1, in both layers.
+
+    - ``a0.h0`` attends to itself (KV head 0's keys read the position channels) and writes the
+      signal into S1 at position 0; ``a0.h1``-``a0.h3`` share those keys and values but have
+      zero queries (uniform attention), and only ``a0.h1`` writes anything, into junk;
+    - ``a0.h4`` attends to position 0 (KV head 1) and writes the signal into S1b everywhere;
+    - layer 1, KV head 1: keys read S1 and values are +1 at position 0, -1 elsewhere (the key
+      receiver of :func:`planted_key_model`). ``a1.h6`` and ``a1.h7`` both have the constant
+      query and write into S2, so both are key receivers of the **same** KV head;
+    - layer 1, KV head 0: zero keys (uniform attention), values read S1b. ``a1.h1`` writes
+      them into S2 (a **value** path); ``a1.h0`` writes them into junk.
+
+    The unembedding reads S2: the metric is 2 (out6 + out7 + out1), +6 clean and -6 corrupted.
+    Hand-derived scores: each of a1.h1, a1.h6, a1.h7 -> logits = -1/3; a0.h4 -> a1.h1 <v> =
+    -1/3; a0.h0 -> a1.h6 <k> = a0.h0 -> a1.h7 <k> = -2/3, because patching KV head 1's keys
+    moves both heads that read them. Circuit :data:`PLANTED_GQA_CIRCUIT`, edges
+    :data:`PLANTED_GQA_EDGES`. Three equal paths into the logits are not outliers enough for
+    ``resid_importance_threshold=2``; the known-answer test uses 1.
+    """
+    wiring = _attention_model("planted-gqa", 2, device, n_key_value_heads=2)
+    wiring.attend_self(0, 0)
+    wiring.read_signal_token(0, 0)
+    wiring.o(0, 0, _S1)
+    wiring.o(0, 1, _JUNK[0])
+    wiring.attend_position_0(0, 4)
+    wiring.read_signal_token(0, 4)
+    wiring.o(0, 4, _S1B)
+    _key_receiver(wiring, 1, 6, _S1, _S2)
+    _key_receiver(wiring, 1, 7, _S1, _S2)
+    wiring.v(1, 1, _S1B, 1.0)
+    wiring.o(1, 1, _S2)
+    wiring.o(1, 0, _JUNK[1])
+    return wiring.unembed(_S2)
+
+
+def planted_context(model: Any, device: str = "cpu", seed: int = 0) -> RunContext:
+    """A RunContext on any planted model (they all share the toy vocabulary) and the toy task."""
+    from appbench.patching import PatchingEngine
+
+    task = ToyTask()
+    search, evaluation = task.splits(model.tokenizer)
+    return RunContext(
+        model,
+        str(model.cfg.model_name),
+        task,
+        search.to(device),
+        evaluation.to(device),
+        device,
+        seed,
+        PatchingEngine(model, task),
+    )

@@ -1,0 +1,366 @@
+"""Automated path patching (Wang et al. 2022, arXiv:2211.00593), as automated and restricted to a
+search space by APP (Andersen, Rudman, Zhang, Eickhoff 2025, arXiv:2511.05442; spec §3).
+
+A discoverer. Starting from the logits, it walks the model backwards, breadth first:
+
+1. **resid_post stage.** Every search-space head is scored as a sender into the logits (one
+   clean pass with every ``hook_z`` frozen clean except the sender's, corrupted). The selection
+   rule below, with its own ``resid_importance_threshold``, picks the first receivers.
+2. **BFS over receivers.** A receiver is popped from the queue and added to the circuit. If it
+   is not in layer 0, each of its inputs q, k, v is scored from every search-space head in an
+   earlier layer (two passes per sender: record the receiver's input with the sender
+   corrupted and everything else frozen, then patch only that input into a clean run). The
+   selected senders not yet seen join the queue. When the queue plus the visited receivers
+   exceed ``early_exit_fraction`` x L x H heads, the queue joins the circuit and the search
+   stops ("too many heads to be a relevant circuit", as in the authors' code).
+
+Every score is (m_patched - m_clean) / (m_clean - m_corrupt), means over prompts first.
+
+**Selection rule** (spec §3.3), on the scores R of one receiver (rows = layers before it):
+no sender if max|R| <= ``min_value_threshold``; otherwise sender (l, h) is selected when
+``|R[l,h]| - |mu| > base_l * |sigma|``, with mu and sigma (Bessel-corrected, as
+``torch.std``) over R and
+
+- ``mode=sqrt`` (the paper's runs): ``base_l = T + k / sqrt(n_l)``, n_l = the number of
+  scored heads in layers 0..l, so early layers need larger effects;
+- ``mode=linear`` (the authors' current code): ``base_l = T + 0.1 (n_rows - 1 - l)``.
+
+**How a pruner's search space enters** (spec §3.5): heads outside it are never scored (they
+cost no forward pass), so they can never be selected nor become receivers. By default mu,
+sigma and n_l are taken over the scored heads only. ``compat=true`` reproduces the authors'
+code instead: unscored heads count as zeros in mu, sigma and max|R|, and n_l = (l+1) H; with
+the dense space both modes agree.
+
+Defaults: T = 1.5 and ``min_value_threshold`` = 0.01 sit in the middle of the authors' grid
+(T in {1, 1.5, 2, 2.5}, min value in {0.001, 0.002, 0.01, 0.02}; spec §3.3), k = 2 and the
+resid threshold 2 are theirs. Grouped-query models: k and v are scored per key-value head and
+each KV head input is scored once; receivers sharing it reuse the scores (and get the edges).
+(The authors' Qwen loop marks a KV head visited after scoring its k input, so its v input is
+never scored; here k and v are each scored once per KV head.)
+
+The circuit holds heads and the edges found: ``sender -> receiver<q|k|v>`` and
+``sender -> logits``. ``Circuit.scores`` gives every scored head its strongest score (largest
+magnitude) over all the measurements it was a sender in.
+
+**Engines.** ``engine=fast`` (default) scores with ``appbench.PathPatcher``, which computes
+the same scores (to float32 rounding; parity tests hold it to 1e-4 and identical circuits)
+from cached clean and corrupted activations at a fraction of the cost: frozen sender passes
+recompute only MLPs and are shared by every receiver and input, second passes start at the
+receiver's layer with all senders and inputs batched, and logits are read at the target
+positions only. ``engine=reference`` runs ``appbench.sender_scores_to_logits`` /
+``sender_scores_to_receiver``, the plain implementation with one or two whole forward passes
+per sender, as the authors do. ``details.reference_forward_passes`` counts the passes the
+reference makes for this search whichever engine ran; the runner measures what actually ran.
+"""
+
+import math
+from collections import deque
+from typing import Literal
+
+from pydantic import Field
+
+from appbench import (
+    QKV,
+    Circuit,
+    Discoverer,
+    Edge,
+    Head,
+    Params,
+    PathPatcher,
+    RunError,
+    hookimpl,
+    input_head_index,
+    path_patching_baseline,
+    sender_scores_to_logits,
+    sender_scores_to_receiver,
+)
+
+#: Slope of the ``linear`` mode's per-layer threshold (the authors' ``alpha``).
+LINEAR_ALPHA = 0.1
+
+
+class PathPatchParams(Params):
+    importance_threshold: float = Field(
+        default=1.5,
+        ge=0.0,
+        description="T: a sender into a receiver's q/k/v needs |R| - |mu| > (T + ...) |sigma|",
+    )
+    resid_importance_threshold: float = Field(
+        default=2.0, ge=0.0, description="T of the first stage (senders into the logits)"
+    )
+    min_value_threshold: float = Field(
+        default=0.01,
+        ge=0.0,
+        description="no sender is selected for a receiver whose max |score| is at most this",
+    )
+    k: float = Field(default=2.0, ge=0.0, description="sqrt mode: base_l = T + k / sqrt(n_l)")
+    mode: Literal["sqrt", "linear"] = Field(
+        default="sqrt",
+        description="per-layer threshold: 'sqrt' (T + k/sqrt(n_l), the paper's runs) or "
+        "'linear' (T + 0.1 x layers between l and the receiver)",
+    )
+    compat: bool = Field(
+        default=False,
+        description="authors' statistics: heads outside the search space count as zeros in "
+        "mu, sigma and max|R|, and n_l = (l+1) x heads per layer",
+    )
+    engine: Literal["fast", "reference"] = Field(
+        default="fast",
+        description="fast: appbench's PathPatcher (same scores, far fewer FLOPs); reference: "
+        "two whole forward passes per sender per input, as the authors run it",
+    )
+    early_exit_fraction: float = Field(
+        default=0.75,
+        gt=0.0,
+        le=1.0,
+        description="stop when queued + visited receivers exceed this fraction of all heads "
+        "(the queue joins the circuit); 0.75 as in the authors' GPT-2 runs, 1 never stops",
+    )
+
+
+def select_senders(
+    scores,
+    n_rows,
+    n_heads,
+    *,
+    threshold,
+    min_value_threshold,
+    k=2.0,
+    mode="sqrt",
+    compat=False,
+):
+    """The senders selected from one receiver's scores (spec §3.3).
+
+    Args:
+        scores: head -> score for the scored heads, all in layers < ``n_rows``.
+        n_rows: the layers a sender may come from (the receiver's layer, or L for the logits).
+        n_heads: heads per layer.
+        threshold: T.
+        min_value_threshold: no selection when max |score| is at most this.
+        k: the sqrt mode's constant.
+        mode: "sqrt" or "linear".
+        compat: include the unscored heads of layers < n_rows as zeros, n_l = (l+1) x n_heads.
+
+    Returns:
+        the selected heads, a frozenset.
+    """
+    for head in scores:
+        if head.layer >= n_rows:
+            raise ValueError(f"{head.id} cannot send to a receiver fed by {n_rows} layers")
+    values = list(scores.values())
+    if compat:
+        values += [0.0] * (n_rows * n_heads - len(values))
+    if not values or max(abs(v) for v in values) <= min_value_threshold:
+        return frozenset()
+    mu = sum(values) / len(values)
+    sigma = (
+        math.sqrt(sum((v - mu) ** 2 for v in values) / (len(values) - 1))
+        if len(values) > 1
+        else 0.0
+    )
+    selected = set()
+    for head, value in scores.items():
+        layer = head.layer
+        if mode == "sqrt":
+            if compat:
+                n_l = (layer + 1) * n_heads
+            else:
+                n_l = sum(1 for other in scores if other.layer <= layer)
+            base = threshold + k / math.sqrt(n_l)
+        elif mode == "linear":
+            base = threshold + LINEAR_ALPHA * (n_rows - 1 - layer)
+        else:
+            raise ValueError(f"unknown threshold mode {mode!r} (expected 'sqrt' or 'linear')")
+        if abs(value) - abs(mu) > base * abs(sigma):
+            selected.add(head)
+    return frozenset(selected)
+
+
+class PathPatch(Discoverer):
+    """Breadth-first automated path patching from the logits through q, k and v."""
+
+    name = "pathpatch"
+    summary = (
+        "Automated path patching (APP §3): BFS from the logits through receivers' q/k/v, "
+        "senders scored only inside the search space."
+    )
+    Params = PathPatchParams
+
+    def discover(self, ctx, space, params):
+        model = ctx.model
+        n_layers, n_heads = ctx.n_layers, ctx.n_heads
+        space_heads = sorted(space.heads)
+
+        def select(scores, n_rows, threshold):
+            return select_senders(
+                scores,
+                n_rows,
+                n_heads,
+                threshold=threshold,
+                min_value_threshold=params.min_value_threshold,
+                k=params.k,
+                mode=params.mode,
+                compat=params.compat,
+            )
+
+        scorer = _FastScorer(ctx) if params.engine == "fast" else _ReferenceScorer(ctx)
+        m_clean, m_corrupt = scorer.m_clean, scorer.m_corrupt
+        strongest: dict[Head, float] = {}
+
+        def remember(scores):
+            for head, value in scores.items():
+                if head not in strongest or abs(value) > abs(strongest[head]):
+                    strongest[head] = value
+
+        forward_passes = 2  # the clean and corrupted baselines
+        evaluations = {"resid_post": 0, "q": 0, "k": 0, "v": 0}
+        trace = []
+
+        resid_scores = scorer.logits(space_heads)
+        forward_passes += len(space_heads)
+        evaluations["resid_post"] += len(space_heads)
+        remember(resid_scores)
+        first = select(resid_scores, n_layers, params.resid_importance_threshold)
+        trace.append(
+            {
+                "receiver": "logits",
+                "input": None,
+                "evaluated": len(resid_scores),
+                "selected": [h.id for h in sorted(first)],
+                "cached": False,
+            }
+        )
+        edges = {Edge(head, None) for head in first}
+
+        queue = deque(sorted(first))
+        queued = set(queue)
+        visited: set[Head] = set()
+        visit_order = []
+        circuit = set()
+        input_cache = {}  # (layer, slice of hook_{input}, input) -> scores; GQA shares k/v
+        limit = params.early_exit_fraction * n_layers * n_heads
+        early_exit = False
+        while queue:
+            if len(queue) + len(visited) > limit:
+                circuit |= queued
+                early_exit = True
+                break
+            receiver = queue.popleft()
+            queued.discard(receiver)
+            circuit.add(receiver)
+            if receiver in visited or receiver.layer == 0:
+                continue
+            visited.add(receiver)
+            visit_order.append(receiver.id)
+            senders = [h for h in space_heads if h.layer < receiver.layer]
+            keys = {
+                letter: (receiver.layer, input_head_index(model.cfg, receiver, letter), letter)
+                for letter in QKV
+            }
+            missing = [letter for letter in QKV if keys[letter] not in input_cache]
+            if missing:
+                for letter, scores in scorer.receiver(receiver, senders, missing).items():
+                    input_cache[keys[letter]] = scores
+                    forward_passes += 2 * len(senders)
+                    evaluations[letter] += len(senders)
+            for letter in QKV:
+                key = keys[letter]
+                cached = letter not in missing
+                scores = input_cache[key]
+                remember(scores)
+                chosen = select(scores, receiver.layer, params.importance_threshold)
+                trace.append(
+                    {
+                        "receiver": receiver.id,
+                        "input": letter,
+                        "evaluated": len(scores),
+                        "selected": [h.id for h in sorted(chosen)],
+                        "cached": cached,
+                    }
+                )
+                edges |= {Edge(sender, receiver, letter) for sender in chosen}
+                fresh = sorted(chosen - visited - queued)
+                queue.extend(fresh)
+                queued.update(fresh)
+
+        return Circuit(
+            n_layers,
+            n_heads,
+            frozenset(circuit),
+            scores={h.id: v for h, v in sorted(strongest.items())},
+            edges=frozenset(edges),
+            details={
+                "engine": params.engine,
+                "m_clean": m_clean,
+                "m_corrupt": m_corrupt,
+                "receivers_visited": visit_order,
+                "n_receivers_visited": len(visit_order),
+                "early_exit": early_exit,
+                "early_exit_limit": limit,
+                "sender_evaluations": evaluations,
+                "reference_forward_passes": forward_passes,
+                "n_edges": len(edges),
+                "trace": trace,
+            },
+        )
+
+
+class _ReferenceScorer:
+    """Scores from the plain reference implementation (whole forward passes per sender)."""
+
+    def __init__(self, ctx):
+        self.model, self.task, self.data = ctx.model, ctx.task, ctx.search
+        baseline = path_patching_baseline(self.model, self.task, self.data)
+        if abs(baseline.gap) < 1e-6:
+            raise RunError(
+                f"clean and corrupted metrics coincide ({baseline.m_clean:.4g}); "
+                "the model does not do the task"
+            )
+        self.caches = (baseline.z_clean, baseline.z_corrupt)
+        self.m_clean, self.m_corrupt = baseline.m_clean, baseline.m_corrupt
+
+    def logits(self, senders):
+        return sender_scores_to_logits(
+            self.model,
+            self.task,
+            self.data,
+            senders,
+            *self.caches,
+            m_clean=self.m_clean,
+            m_corrupt=self.m_corrupt,
+        )
+
+    def receiver(self, receiver, senders, letters):
+        return {
+            letter: sender_scores_to_receiver(
+                self.model,
+                self.task,
+                self.data,
+                senders,
+                receiver,
+                letter,
+                *self.caches,
+                m_clean=self.m_clean,
+                m_corrupt=self.m_corrupt,
+            )
+            for letter in letters
+        }
+
+
+class _FastScorer:
+    """Scores from appbench's PathPatcher (identical scores, far fewer FLOPs)."""
+
+    def __init__(self, ctx):
+        self.patcher = PathPatcher(ctx.engine, ctx.search)
+        self.m_clean, self.m_corrupt = self.patcher.cache.m_clean, self.patcher.cache.m_corrupt
+
+    def logits(self, senders):
+        return self.patcher.logits_scores(senders)
+
+    def receiver(self, receiver, senders, letters):
+        return self.patcher.receiver_scores(receiver, senders, letters)
+
+
+@hookimpl
+def appbench_register_discoverers(register):
+    register(PathPatch)
