@@ -244,7 +244,7 @@ def _summary_table(result: Any, path: Path) -> str:
     "--model",
     default="zoo-ioi",
     show_default=True,
-    help="Registered model (see `appbench list models`) or a TransformerLens model name.",
+    help="Registered model (see `appbench models list`), a TransformerLens model name or a local Hugging Face model directory.",
 )
 @click.option("--seed", type=int, default=None, help="Prompt seed (default: the task's own).")
 @click.option(
@@ -334,6 +334,191 @@ def run(
         click.echo(result.model_dump_json(indent=2))
     else:
         click.echo(_summary_table(result, path))
+
+
+MODEL_SOURCES_NOTE = (
+    "--model also takes any TransformerLens model name (e.g. gpt2, Qwen/Qwen2.5-0.5B; weights "
+    "from the Hugging Face cache, or the hub when it is reachable) and any local Hugging Face "
+    "model directory (e.g. ./my-model: config.json, weights and tokenizer)."
+)
+
+
+@cli.group()
+def models() -> None:
+    """Fetch and list models (registered models, TransformerLens names, local directories).
+
+    \b
+    Examples:
+      appbench models list
+      appbench models pull smollm2-135m
+      appbench models pull ./my-hf-model
+    """
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def models_list(as_json: bool) -> None:
+    """List registered models and the other kinds of name --model accepts."""
+    from appbench.models import cache_dir
+
+    rows = _listing("models")
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"registered": rows, "note": MODEL_SOURCES_NOTE, "cache_dir": str(cache_dir())},
+                indent=2,
+            )
+        )
+        return
+    from tabulate import tabulate
+
+    click.echo(
+        tabulate([[r["name"], r["summary"]] for r in rows], headers=["name", "summary"])
+        if rows
+        else "(no registered models)"
+    )
+    click.echo()
+    click.echo(MODEL_SOURCES_NOTE)
+    click.echo(f"Cache for converted models: {cache_dir()} (set APPBENCH_CACHE to move it).")
+
+
+@models.command("pull")
+@click.argument("name")
+@click.option(
+    "--device", default="cpu", show_default=True, help="Torch device to test-load the model on."
+)
+def models_pull(name: str, device: str) -> None:
+    """Fetch and cache model NAME (by loading it once).
+
+    Progress goes to stderr, a one-line summary to stdout.
+
+    Registered models that need a download (smollm2-135m) are fetched and converted into the
+    appbench cache; TransformerLens names are downloaded into the Hugging Face cache (needs hub
+    access); zoo models and local directories are only checked.
+
+    \b
+    Examples:
+      appbench models pull smollm2-135m
+      appbench models pull gpt2
+    """
+    import time
+
+    from appbench.models import load_model
+
+    click.echo(f"[appbench] loading model {name} on {device}", err=True)
+    started = time.perf_counter()
+    model = load_model(name, device)
+    cfg = model.cfg
+    n_params = sum(p.numel() for p in model.parameters())
+    click.echo(
+        f"{name}: ready ({cfg.n_layers} layers x {cfg.n_heads} heads, d_model {cfg.d_model}, "
+        f"{n_params / 1e6:.1f}M parameters; loaded in {time.perf_counter() - started:.1f} s)"
+    )
+
+
+@cli.group()
+def reference() -> None:
+    """Build the reference circuits that runs measure overlap against.
+
+    \b
+    Examples:
+      appbench reference build --task ioi --model zoo-multitask
+    """
+
+
+@reference.command("build")
+@click.option("--task", "task_name", required=True, help="Task name; see `appbench list tasks`.")
+@click.option("--model", required=True, help="Model name (as given to `appbench run --model`).")
+@click.option(
+    "--discoverer", default="pathpatch", show_default=True, help="Dense discoverer to run."
+)
+@click.option(
+    "-d",
+    "discoverer_params",
+    type=(str, str),
+    multiple=True,
+    metavar="KEY VALUE",
+    help="Discoverer parameter.",
+)
+@click.option("--device", default="cpu", show_default=True, help="Torch device.")
+@click.option(
+    "--n-search", type=click.IntRange(min=1), default=None, help="Search prompts (default: task's)."
+)
+@click.option("--seed", type=int, default=None, help="Prompt seed (default: the task's own).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for <model>.json (default: the task folder's reference/).",
+)
+def reference_build(
+    task_name: str,
+    model: str,
+    discoverer: str,
+    discoverer_params: tuple[tuple[str, str], ...],
+    device: str,
+    n_search: int | None,
+    seed: int | None,
+    out: Path | None,
+) -> None:
+    """Run DISCOVERER on the dense search space and save its circuit as the reference.
+
+    The circuit is stored under the key ``appbench-<discoverer>`` with its provenance
+    (command, appbench version and commit, parameters, prompts) and becomes the default
+    reference of the file; other circuits already in the file (literature circuits) are kept.
+    """
+    import tempfile
+    from importlib import resources
+
+    from appbench.plugins import get_registries
+    from appbench.runner import RunConfig
+    from appbench.runner import run as run_once
+    from appbench.tasks import ReferenceCircuit, ReferenceFile
+
+    task = get_registries().tasks.get(task_name)
+    folder = out or Path(str(resources.files(task.package).joinpath("reference")))
+    command = shlex.join(["appbench", *sys.argv[1:]])
+    with tempfile.TemporaryDirectory() as scratch:
+        config = RunConfig(
+            pruner="none",
+            discoverer=discoverer,
+            task=task_name,
+            model=model,
+            seed=seed,
+            device=device,
+            n_search=n_search,
+            n_eval=None,
+            discoverer_params=_params(discoverer_params),
+            out=Path(scratch),
+            command=command,
+        )
+        result, _ = run_once(config, lambda line: click.echo(f"[appbench] {line}", err=True))
+    path = folder / f"{model.replace('/', '__')}.json"
+    existing = task.reference_file(model) if out is None else None
+    circuits = dict(existing.circuits) if existing else {}
+    key = f"appbench-{discoverer}"
+    previous = circuits.get(key)
+    version = str(int(previous.version.split(".")[0]) + 1) + ".0" if previous else "1.0"
+    circuits[key] = ReferenceCircuit(
+        heads=result.circuit["heads"],
+        n_layers=result.n_layers,
+        n_heads=result.n_heads,
+        source=f"{command} (appbench {result.provenance.appbench_version}, commit "
+        f"{result.provenance.git_commit or 'unknown'}, task version {result.provenance.task_version})",
+        method=f"dense {discoverer} (pruner none) on the task's search split",
+        parameters={
+            **result.discoverer_params,
+            "n_search": result.n_search,
+            "seed": result.seed,
+        },
+        version=version,
+        notes=f"faithfulness on the evaluation split: {result.faithfulness.percent:.1f}% of the full "
+        f"model, normalised {result.faithfulness.normalised}",
+    )
+    ref_file = ReferenceFile(task=task_name, model=model, default=key, circuits=circuits)
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(ref_file.model_dump_json(indent=2) + "\n")
+    click.echo(f"{path}: {len(result.circuit['heads'])} heads ({key} v{version})")
 
 
 def _register_plugin_commands() -> None:

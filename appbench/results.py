@@ -160,9 +160,17 @@ class RunResult(BaseModel):
         return path
 
 
+def model_folder_name(model: str) -> str:
+    """A model name as one path component: ``Qwen/Qwen2.5-0.5B`` -> ``Qwen__Qwen2.5-0.5B``;
+    a local directory (``./my-model``, ``/abs/my-model``) -> ``local__my-model``."""
+    if model.startswith((".", "/", "~")) or Path(model).expanduser().is_dir():
+        return "local__" + Path(model).expanduser().resolve().name
+    return model.replace("/", "__")
+
+
 def result_path(out: Path, task: str, model: str, pruner: str, discoverer: str) -> Path:
-    """``<out>/<task>/<model>/<pruner>__<discoverer>.json`` (slashes in model names become __)."""
-    return out / task / model.replace("/", "__") / f"{pruner}__{discoverer}.json"
+    """``<out>/<task>/<model folder>/<pruner>__<discoverer>.json`` (see model_folder_name)."""
+    return out / task / model_folder_name(model) / f"{pruner}__{discoverer}.json"
 
 
 class ResultFileError(ValueError):

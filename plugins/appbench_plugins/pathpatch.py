@@ -66,7 +66,6 @@ from appbench import (
     Edge,
     Head,
     Params,
-    PathPatcher,
     RunError,
     hookimpl,
     input_head_index,
@@ -351,6 +350,8 @@ class _FastScorer:
     """Scores from appbench's PathPatcher (identical scores, far fewer FLOPs)."""
 
     def __init__(self, ctx):
+        from appbench import PathPatcher  # imports torch: not at plugin load
+
         self.patcher = PathPatcher(ctx.engine, ctx.search)
         self.m_clean, self.m_corrupt = self.patcher.cache.m_clean, self.patcher.cache.m_corrupt
 

@@ -69,3 +69,16 @@ def test_corrupt_circuit_file_gives_a_clear_error(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not a circuit file"):
         Circuit.load(path)
+
+
+def test_result_paths_are_one_folder_per_model(tmp_path):
+    from appbench.results import model_folder_name, result_path
+
+    assert model_folder_name("Qwen/Qwen2.5-0.5B") == "Qwen__Qwen2.5-0.5B"
+    assert model_folder_name("zoo-ioi") == "zoo-ioi"
+    local = tmp_path / "my-model"
+    local.mkdir()
+    assert model_folder_name(str(local)) == "local__my-model"
+    assert model_folder_name("./does-not-exist") == "local__does-not-exist"
+    path = result_path(tmp_path, "ioi", "gpt2", "cflap", "pathpatch")
+    assert path == tmp_path / "ioi" / "gpt2" / "cflap__pathpatch.json"
