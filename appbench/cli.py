@@ -242,7 +242,7 @@ def _summary_table(result: Any, path: Path) -> str:
 )
 @click.option(
     "--model",
-    default="zoo-ioi",
+    default="zoo-multitask",
     show_default=True,
     help="Registered model (see `appbench models list`), a TransformerLens model name or a local Hugging Face model directory.",
 )

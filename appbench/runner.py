@@ -40,7 +40,7 @@ from appbench.results import (
 )
 
 #: The model `appbench run` uses when --model is not given.
-DEFAULT_MODEL = "zoo-ioi"
+DEFAULT_MODEL = "zoo-multitask"
 DEFAULT_TASK = "ioi"
 DEFAULT_OUT = Path("appbench-results")
 

@@ -20,7 +20,7 @@ def test_list_json_shows_the_builtins():
     assert {"none", "magnitude"} <= {row["name"] for row in data["pruners"]}
     assert "actpatch" in {row["name"] for row in data["discoverers"]}
     assert "ioi" in {row["name"] for row in data["tasks"]}
-    assert "zoo-ioi" in {row["name"] for row in data["models"]}
+    assert {"zoo-ioi", "zoo-multitask", "smollm2-135m"} <= {row["name"] for row in data["models"]}
     magnitude = next(row for row in data["pruners"] if row["name"] == "magnitude")
     assert magnitude["params"]["fraction"]["default"] == 0.5
 
@@ -41,10 +41,13 @@ def test_run_prints_a_table_and_writes_a_result(runs):
     out, dense, _ = runs
     assert dense.exit_code == 0, dense.output
     assert "faithfulness" in dense.output and "reduction" in dense.output
-    result = load_result(out / "ioi" / "zoo-ioi" / "none__actpatch.json")
+    result = load_result(out / "ioi" / "zoo-multitask" / "none__actpatch.json")
     assert result.search_space_size == 32 and result.reduction == 0.0
+    # The default model ships a reference circuit (dense pathpatch) for IOI.
     assert result.reference is not None and result.overlap is not None
-    assert result.overlap.recall == 1.0  # the dense actpatch circuit is its own reference
+    assert "ioi/reference/zoo-multitask.json#appbench-pathpatch" in result.reference.source
+    circuit, reference = set(result.circuit["heads"]), set(result.reference.heads)
+    assert result.overlap.recall == len(circuit & reference) / len(reference)
     f = result.faithfulness
     assert f.m_model > 0 and f.m_model > f.m_empty
     assert result.cost["discover"].prompt_passes > 0 and result.cost["discover"].flops > 0
@@ -54,7 +57,7 @@ def test_run_prints_a_table_and_writes_a_result(runs):
 def test_pruned_run_reports_reduction_and_speedup(runs):
     out, _, pruned = runs
     assert pruned.exit_code == 0, pruned.output
-    result = load_result(out / "ioi" / "zoo-ioi" / "magnitude__actpatch.json")
+    result = load_result(out / "ioi" / "zoo-multitask" / "magnitude__actpatch.json")
     assert result.search_space_size == 16 and result.reduction == pytest.approx(0.5)
     assert set(result.circuit["heads"]) <= set(result.search_space["heads"])
     assert result.speedup is not None
@@ -120,7 +123,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
 
 
 def test_corrupt_baseline_does_not_lose_the_new_result(tmp_path):
-    folder = tmp_path / "ioi" / "zoo-ioi"
+    folder = tmp_path / "ioi" / "zoo-multitask"
     folder.mkdir(parents=True)
     (folder / "none__actpatch.json").write_text("{broken")
     result = invoke(

@@ -24,3 +24,16 @@ def test_a_circuit_missing_its_source_head_carries_nothing():
 def test_distractor_heads_change_nothing():
     f = evaluate_circuit(toy_context(), PLANTED_CIRCUIT | {Head(0, 1), Head(1, 0)})
     assert f.normalised == pytest.approx(1.0, abs=1e-6)
+
+
+def test_without_a_shipped_reference_the_dense_actpatch_circuit_is_used():
+    from appbench import Circuit
+    from appbench.runner import RunConfig, _reference
+
+    ctx = toy_context()
+    found = Circuit(2, 2, frozenset({Head(1, 1)}))
+    config = RunConfig(pruner="none", discoverer="pathpatch", model="planted-2x2", task="toy")
+    reference = _reference(ctx, config, found)
+    assert reference is not None
+    assert "dense actpatch circuit" in reference.source
+    assert set(reference.heads) == {h.id for h in PLANTED_CIRCUIT}

@@ -25,10 +25,22 @@ RECIPES = {
         ),
         attn_only=True,
     ),
+    "zoo-multitask": Recipe(
+        name="zoo-multitask",
+        tasks=("ioi", "greater_than", "induction", "gendered_pronouns", "docstring"),
+        description=(
+            "A 4-layer, 8-head transformer with MLPs trained from scratch on synthetic versions "
+            "of all five built-in tasks, so that heads specialise by task."
+        ),
+        n_ctx=64,
+        d_mlp=256,
+        batch_size=64,
+        steps=3000,
+    ),
 }
 
 #: The model `appbench run` uses when --model is not given.
-DEFAULT_MODEL = "zoo-ioi"
+DEFAULT_MODEL = "zoo-multitask"
 
 
 def weights_folder(name: str):

@@ -61,9 +61,36 @@ def evaluate(model, task, data):
     with torch.no_grad():
         logits = model(data.clean)
         at_target = logits[torch.arange(len(data)), data.target_pos]
-        accuracy = (at_target.argmax(-1) == data.answers[:, 0]).float().mean().item()
+        top = at_target.argmax(-1, keepdim=True)
+        accuracy = (top == data.answers).any(dim=1).float().mean().item()
         metric = task.metric(at_target, data).mean().item()
     return {"accuracy": accuracy, "mean_metric": metric}
+
+
+def answer_set_loss(logits, answers):
+    """-log of the probability mass on the answer set (cross-entropy for a single answer).
+
+    Tasks such as greater-than accept many answers (every later year); the loss rewards
+    putting mass anywhere in the set. ``answers`` [B, A] pads with -1.
+    """
+    import torch
+
+    valid = answers >= 0
+    answer_logits = logits.gather(1, answers.clamp(min=0)).masked_fill(~valid, float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(answer_logits, dim=1)).mean()
+
+
+def _generate_up_to(task, tokenizer, n, seed):
+    """``n`` prompts, or as many distinct prompts as the task has (halving the request)."""
+    from appbench import TaskError
+
+    while True:
+        try:
+            return task.generate(tokenizer, n, seed)
+        except TaskError:
+            if n <= 400:
+                raise
+            n //= 2
 
 
 def train(recipe: Recipe, tasks: dict, log=print):
@@ -81,8 +108,9 @@ def train(recipe: Recipe, tasks: dict, log=print):
         task = tasks[name]
         search, evaluation = task.splits(tokenizer)
         held_out = set(search.prompts) | set(evaluation.prompts)
-        pairs = task.generate(tokenizer, recipe.n_train + len(held_out), seed=recipe.seed + 1)
+        pairs = _generate_up_to(task, tokenizer, recipe.n_train + len(held_out), recipe.seed + 1)
         pairs = [p for p in pairs if p.clean not in held_out][: recipe.n_train]
+        log(f"{name}: {len(pairs)} training prompts")
         train_sets[name] = tokenize_pairs(tokenizer, pairs, name)
         eval_sets[name] = evaluation
 
@@ -100,13 +128,15 @@ def train(recipe: Recipe, tasks: dict, log=print):
         name = names[step % len(names)]
         data = train_sets[name]
         idx = torch.randint(len(data), (recipe.batch_size,), generator=generator)
-        logits = model(data.clean[idx])
-        at_target = logits[torch.arange(len(idx)), data.target_pos[idx]]
-        loss = torch.nn.functional.cross_entropy(at_target, data.answers[idx, 0])
+        # Only the target position is trained, so only it is unembedded.
+        final = model(data.clean[idx], stop_at_layer=config["n_layers"])
+        at_target = final[torch.arange(len(idx)), data.target_pos[idx]][:, None]
+        logits = model.unembed(model.ln_final(at_target))[:, 0]
+        loss = answer_set_loss(logits, data.answers[idx])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 250 == 0 or step == recipe.steps - 1:
+        if step % 100 == 0 or step == recipe.steps - 1:
             log(f"step {step:5d}  task {name:<16} loss {loss.item():.4f}")
     model.eval()
     seconds = time.perf_counter() - started
@@ -155,7 +185,7 @@ Training took {report["train_seconds"]} s on the machine that trained it.
 
 ## Evaluation (the task's default evaluation split)
 
-| task | top-1 accuracy of the answer | mean metric (logit diff) |
+| task | top-1 accuracy (argmax is a correct answer) | mean task metric (see the task README) |
 |---|---|---|
 {rows}
 """

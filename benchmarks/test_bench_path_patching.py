@@ -1,0 +1,154 @@
+"""The fast path-patching engine against the plain reference (two forward passes per sender
+per receiver input), on the same workload in the same process.
+
+Workload: the logits stage for one sender per layer, then the three inputs (q, k, v) of one
+receiver in an early, a middle and the last layer, each with every chosen sender before it.
+Both implementations compute the same scores (checked here as well as in the parity tests);
+the ratios of wall time and of FLOPs (analytic, counted by the runner's CostCounter) are
+what the benchmark reports, together with the engine's achieved GFLOP/s against a dense
+matmul of similar shape timed in the same process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from appbench import Head, build_model, load_model
+from appbench.patching import PatchingEngine, PathPatcher
+from appbench.path_patching import (
+    path_patching_baseline,
+    sender_scores_to_logits,
+    sender_scores_to_receiver,
+)
+from appbench.plugins import get_registries
+from appbench.runner import CostCounter
+
+GPT2_SMALL = {
+    "n_layers": 12,
+    "n_heads": 12,
+    "d_model": 768,
+    "d_head": 64,
+    "d_mlp": 3072,
+    "n_ctx": 64,
+    "d_vocab": 50257,
+    "act_fn": "gelu_new",
+    "normalization_type": "LN",
+}
+
+
+def workload(n_layers: int) -> tuple[list[Head], list[Head]]:
+    senders = [Head(layer, 0) for layer in range(n_layers)]
+    receivers = [Head(max(1, n_layers // 3), 1), Head(2 * n_layers // 3, 1), Head(n_layers - 1, 1)]
+    return senders, receivers
+
+
+def run_reference(model, task, data, senders, receivers):
+    base = path_patching_baseline(model, task, data)
+    scores = {
+        "logits": sender_scores_to_logits(model, task, data, senders, base.z_clean, base.z_corrupt)
+    }
+    for r in receivers:
+        before = [s for s in senders if s.layer < r.layer]
+        for kind in ("q", "k", "v"):
+            scores[f"{r.id}<{kind}>"] = sender_scores_to_receiver(
+                model,
+                task,
+                data,
+                before,
+                r,
+                kind,
+                base.z_clean,
+                base.z_corrupt,
+                m_clean=base.m_clean,
+                m_corrupt=base.m_corrupt,
+            )
+    return scores
+
+
+def run_engine(model, task, data, senders, receivers):
+    patcher = PathPatcher(PatchingEngine(model, task), data)
+    scores = {"logits": patcher.logits_scores(senders)}
+    for r in receivers:
+        per_input = patcher.receiver_scores(r, [s for s in senders if s.layer < r.layer])
+        for kind, values in per_input.items():
+            scores[f"{r.id}<{kind}>"] = values
+    return scores, patcher.engine.extra_flops
+
+
+def measured(fn):
+    """One call's result and wall time."""
+    started = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - started
+
+
+def matmul_gflops(rows: int, d_in: int, d_out: int) -> float:
+    a, b = torch.randn(rows, d_in), torch.randn(d_in, d_out)
+    torch.mm(a, b)
+    started, repeats = time.perf_counter(), 10
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * rows * d_in * d_out * repeats / (time.perf_counter() - started) / 1e9
+
+
+def compare(benchmark, model, task, data, label):
+    senders, receivers = workload(model.cfg.n_layers)
+    counter = CostCounter(model)
+    (reference, _), ref_wall = measured(
+        lambda: (run_reference(model, task, data, senders, receivers), None)
+    )
+    ref_flops = counter.tally.flops
+    counter.tally.flops = 0.0
+
+    def engine_once():
+        return run_engine(model, task, data, senders, receivers)
+
+    started = time.perf_counter()
+    fast, extra = benchmark.pedantic(engine_once, rounds=1, iterations=1)
+    eng_wall = time.perf_counter() - started
+    eng_flops = counter.tally.flops + extra
+    counter.remove()
+    worst = max(abs(fast[key][s] - reference[key][s]) for key in reference for s in reference[key])
+    assert worst < 1e-4
+    gflops = matmul_gflops(
+        len(data) * data.clean.shape[1], model.cfg.d_model, model.cfg.d_mlp or 4 * model.cfg.d_model
+    )
+    info = {
+        "model": label,
+        "reference_seconds": round(ref_wall, 2),
+        "engine_seconds": round(eng_wall, 2),
+        "wall_ratio": round(ref_wall / eng_wall, 2),
+        "reference_gflop": round(ref_flops / 1e9, 2),
+        "engine_gflop": round(eng_flops / 1e9, 2),
+        "flops_ratio": round(ref_flops / eng_flops, 2),
+        "engine_gflop_per_s": round(eng_flops / 1e9 / eng_wall, 2),
+        "matmul_gflop_per_s": round(gflops, 2),
+        "max_score_difference": worst,
+    }
+    benchmark.extra_info.update(info)
+    print("\n" + "  ".join(f"{k}={v}" for k, v in info.items()))
+    return info
+
+
+@pytest.mark.benchmark(group="path-patching")
+def test_bench_zoo_model(benchmark):
+    model = load_model("zoo-ioi")
+    task = get_registries().tasks.get("ioi")
+    data, _ = task.splits(model.tokenizer, n_search=50, n_eval=10)
+    compare(benchmark, model, task, data, "zoo-ioi")
+
+
+@pytest.mark.benchmark(group="path-patching")
+def test_bench_gpt2_small_shape(benchmark, gpt2_tok):
+    torch.manual_seed(0)
+    model = build_model(GPT2_SMALL, gpt2_tok)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.02)
+    task = get_registries().tasks.get("ioi")
+    data, _ = task.splits(model.tokenizer, n_search=50, n_eval=10)
+    compare(benchmark, model, task, data, "gpt2-small-shape (random weights)")
