@@ -23,9 +23,9 @@ from typing import Any
 
 from pydantic import Field
 
-from appbench import Pruner, SearchSpace, hookimpl
+from appbench import Pruner, hookimpl
 from appbench_plugins.flap import Metric, channel_metric, head_scores
-from appbench_plugins.sparsity import Branch, Rule, SweepParams, prune_branches, scores_by_id
+from appbench_plugins.sparsity import Branch, Rule, SweepParams, prune_single
 
 
 class CflapParams(SweepParams):
@@ -92,14 +92,7 @@ class CflapPruner(Pruner):
         branch = cflap_branch(
             ctx, params.metric, params.rule, params.sparsity, params.keep_k, params.compat
         )
-        [result], common = prune_branches(ctx, params, [branch])
-        return SearchSpace(
-            ctx.n_layers,
-            ctx.n_heads,
-            result.heads,
-            scores_by_id(result.scores),
-            {**common, **result.details},
-        )
+        return prune_single(ctx, params, branch)
 
 
 @hookimpl

@@ -31,8 +31,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from appbench import Pruner, RunError, SearchSpace, hookimpl
-from appbench_plugins.sparsity import Branch, Rule, SweepParams, prune_branches, scores_by_id
+from appbench import Pruner, RunError, hookimpl
+from appbench_plugins.sparsity import Branch, Rule, SweepParams, prune_single
 
 Metric = Literal["ifv", "wifv", "wifn"]
 
@@ -172,14 +172,7 @@ class FlapPruner(Pruner):
         branch = flap_branch(
             ctx, params.metric, params.rule, params.sparsity, params.keep_k, params.compat
         )
-        [result], common = prune_branches(ctx, params, [branch])
-        return SearchSpace(
-            ctx.n_layers,
-            ctx.n_heads,
-            result.heads,
-            scores_by_id(result.scores),
-            {**common, **result.details},
-        )
+        return prune_single(ctx, params, branch)
 
 
 @hookimpl

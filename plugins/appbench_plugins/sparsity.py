@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from appbench import Head, Params, RunError
+from appbench import Head, Params, RunError, SearchSpace
 
 Rule = Literal["first", "biggest", "fixed"]
 RULES: tuple[str, ...] = ("first", "biggest", "fixed")
@@ -436,3 +436,15 @@ def _sweep(
         for rows in index
     ]
     return curves, m_full
+
+
+def prune_single(ctx: Any, params: Any, branch: Branch) -> SearchSpace:
+    """Run one branch (flap or cflap alone) and wrap its heads, scores and details."""
+    [result], common = prune_branches(ctx, params, [branch])
+    return SearchSpace(
+        ctx.n_layers,
+        ctx.n_heads,
+        result.heads,
+        scores_by_id(result.scores),
+        {**common, **result.details},
+    )

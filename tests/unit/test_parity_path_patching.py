@@ -47,16 +47,17 @@ def random_model(extra):
     return model
 
 
-def assert_parity(model, task, data, receivers, closed_form=True):
+def assert_parity(model, task, data, receivers, closed_form=True, heads=None):
     engine = PatchingEngine(model, task, max_rows=64)  # small chunks: exercise chunking too
     patcher = PathPatcher(engine, data)
     patcher.closed_form = patcher.closed_form and closed_form
     patcher.target_only_last_layer = patcher.target_only_last_layer and closed_form
     base = path_patching_baseline(model, task, data)
     assert patcher.cache.m_clean == pytest.approx(base.m_clean, abs=TOLERANCE)
-    heads = [
-        Head(layer, h) for layer in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)
-    ]
+    if heads is None:
+        heads = [
+            Head(layer, h) for layer in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)
+        ]
     fast = patcher.logits_scores(heads)
     slow = sender_scores_to_logits(model, task, data, heads, base.z_clean, base.z_corrupt)
     worst = max(abs(fast[h] - slow[h]) for h in heads)
@@ -115,3 +116,13 @@ def test_parity_pathpatch_finds_the_same_circuit_with_both_engines():
     assert len(fast.heads) >= 2  # a search that goes beyond the logits stage
     assert fast.heads == slow.heads and fast.edges == slow.edges
     assert max(abs(fast.scores[h] - slow.scores[h]) for h in slow.scores) < TOLERANCE
+
+
+@pytest.mark.slow
+def test_parity_on_smollm2():
+    """The real pretrained model (GQA, rotary, RMSNorm, gated MLPs), on a subset of senders."""
+    model = load_model("smollm2-135m")
+    task = get_registries().tasks.get("ioi")
+    data, _ = task.splits(model.tokenizer, n_search=8, n_eval=2)
+    senders = [Head(layer, layer % 9) for layer in range(0, 30, 3)]
+    assert_parity(model, task, data, [Head(16, 4), Head(29, 1)], heads=senders)
