@@ -284,6 +284,12 @@ def _summary_table(result: Any, path: Path) -> str:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result JSON instead of a table.")
 @click.option("--quiet", is_flag=True, help="No progress messages on stderr.")
+@click.option(
+    "--no-reference",
+    is_flag=True,
+    help="When the task ships no reference circuit for the model, skip overlap instead of "
+    "computing the dense actpatch circuit (one patching pass per head).",
+)
 def run(
     pruner: str,
     discoverer: str,
@@ -298,6 +304,7 @@ def run(
     out: Path,
     as_json: bool,
     quiet: bool,
+    no_reference: bool,
 ) -> None:
     """Prune, discover and evaluate a circuit; write one result JSON and print a summary.
 
@@ -323,6 +330,7 @@ def run(
         discoverer_params=_params(discoverer_params),
         out=out,
         command=shlex.join(["appbench", *sys.argv[1:]]),
+        compute_reference=not no_reference,
     )
 
     def log(line: str) -> None:
@@ -491,6 +499,7 @@ def reference_build(
             discoverer_params=_params(discoverer_params),
             out=Path(scratch),
             command=command,
+            compute_reference=False,
         )
         result, _ = run_once(config, lambda line: click.echo(f"[appbench] {line}", err=True))
     path = folder / f"{model.replace('/', '__')}.json"

@@ -74,6 +74,11 @@ class RunConfig(BaseModel):
     )
     out: Path = Field(default=DEFAULT_OUT, description="results folder")
     command: str = Field(default="", description="command line recorded in the provenance")
+    compute_reference: bool = Field(
+        default=True,
+        description="without a shipped reference circuit, compute the dense actpatch circuit "
+        "(one activation-patching pass per head) to measure overlap against; false skips overlap",
+    )
 
 
 # ------------------------------------------------------------------ cost counting
@@ -215,7 +220,9 @@ def evaluate_circuit(ctx: RunContext, heads: frozenset[Head]) -> Faithfulness:
     )
 
 
-def _reference(ctx: RunContext, cfg: RunConfig, circuit: Circuit) -> Reference | None:
+def _reference(
+    ctx: RunContext, cfg: RunConfig, circuit: Circuit, log: Callable[[str], None] = lambda _: None
+) -> Reference | None:
     """The shipped reference circuit, else the dense `actpatch` circuit computed here."""
     shipped = ctx.task.reference(cfg.model)
     if shipped is None:
@@ -227,8 +234,12 @@ def _reference(ctx: RunContext, cfg: RunConfig, circuit: Circuit) -> Reference |
             source=f"{ctx.task.name}/reference/{cfg.model}.json#{key} v{ref.version}: {ref.source} ({ref.method})",
             heads=sorted(ref.heads, key=Head.parse),
         )
+    if not cfg.compute_reference:
+        log("no shipped reference circuit for this model; overlap skipped (--no-reference)")
+        return None
     from appbench.plugins import get_registries
 
+    log("no shipped reference circuit: computing the dense actpatch circuit")
     discoverers = get_registries().discoverers
     if "actpatch" not in discoverers:
         return None
@@ -395,8 +406,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
             faith = evaluate_circuit(ctx, circuit.heads)
     finally:
         counter.remove()
-    log("computing the reference circuit")
-    reference = _reference(ctx, cfg, circuit)
+    reference = _reference(ctx, cfg, circuit, log)
     ov = None
     if reference is not None:
         reference_heads = {Head.parse(h) for h in reference.heads}

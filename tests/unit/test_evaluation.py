@@ -37,3 +37,12 @@ def test_without_a_shipped_reference_the_dense_actpatch_circuit_is_used():
     assert reference is not None
     assert "dense actpatch circuit" in reference.source
     assert set(reference.heads) == {h.id for h in PLANTED_CIRCUIT}
+
+    skip = RunConfig(
+        pruner="none",
+        discoverer="pathpatch",
+        model="planted-2x2",
+        task="toy",
+        compute_reference=False,
+    )
+    assert _reference(ctx, skip, found) is None
