@@ -468,27 +468,39 @@ class PathPatcher:
     # ------------------------------------------------------------ frozen passes
     @torch.no_grad()
     def _frozen(
-        self, layer: int, until: int, delta: torch.Tensor, positions: torch.Tensor | None
+        self,
+        layer: int,
+        until: int,
+        delta: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        start: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Residual stream before layer ``until`` of the frozen run of senders in ``layer``.
 
         Args:
-            layer: the senders' layer (all of them share it).
+            layer: the senders' layer (all of them share it), or the layer ``start`` is
+                the residual before.
             until: stop before this layer (n_layers for the final residual).
-            delta: [K, N, P, d] the senders' changes (see :meth:`sender_delta`).
+            delta: [K, N, P, d] the senders' changes (see :meth:`sender_delta`), added at
+                ``layer``; None when resuming from ``start``.
             positions: the positions ``delta`` covers ([N], P = 1), or None for all.
+            start: [K, N, P, d] frozen residual before ``layer`` to resume from (a
+                remembered shorter run of the same senders); None starts from the clean one.
         """
         cache, model = self.cache, self.model
-        k, n, p, d = delta.shape
+        k, n, p, d = (delta if delta is not None else start).shape  # type: ignore[union-attr]
 
         def at(tensor: torch.Tensor) -> torch.Tensor:  # [N, T, d] -> [N, P, d]
             return tensor if positions is None else tensor[torch.arange(n), positions][:, None]
 
-        x = at(cache.resid_pre[layer]).expand(k, n, p, d).reshape(k * n, p, d)
+        if start is None:
+            x = at(cache.resid_pre[layer]).expand(k, n, p, d).reshape(k * n, p, d)
+        else:
+            x = start.reshape(k * n, p, d)
         for current in range(layer, until):
             block = model.blocks[current]
             added = at(cache.attn_out[current]).expand(k, n, p, d).reshape(k * n, p, d)
-            if current == layer:
+            if current == layer and delta is not None:
                 added = added + delta.reshape(k * n, p, d)
             if model.cfg.attn_only:
                 x = x + added
@@ -531,21 +543,37 @@ class PathPatcher:
         return out.view(k, n, length, -1)
 
     def _frozen_resid_at(self, senders: Sequence[Head], until: int) -> torch.Tensor:
-        """[K, N, T, d] frozen residual before layer ``until`` for each sender (memoised)."""
+        """[K, N, T, d] frozen residual before layer ``until`` for each sender (memoised).
+
+        A sender remembered at an earlier layer resumes from there (closed form only): the
+        layers it already ran are not run again.
+        """
         missing = [s for s in senders if (s, until) not in self._memo]
-        by_layer: dict[int, list[Head]] = {}
+        groups: dict[tuple[int, bool], list[Head]] = {}
         for s in missing:
-            by_layer.setdefault(s.layer, []).append(s)
-        for layer, group in sorted(by_layer.items()):
+            resume = self._resumable(s, until) if self.closed_form else None
+            key = (resume, True) if resume is not None else (s.layer, False)
+            groups.setdefault(key, []).append(s)
+        for (layer, resumed), group in sorted(groups.items()):
             for chunk in self.engine.chunks(len(group), len(self.data)):
                 part = [group[i] for i in chunk]
-                if self.closed_form:
+                if resumed:
+                    start = torch.stack([self._memo[(s, layer)] for s in part])
+                    resid = self._frozen(layer, until, None, None, start)
+                elif self.closed_form:
                     resid = self._frozen(layer, until, self.sender_delta(part, None), None)
                 else:
                     resid = self._frozen_by_hooks(part, until)
                 for s, value in zip(part, resid, strict=True):
                     self._remember((s, until), value)
         return torch.stack([self._memo[(s, until)] for s in senders])
+
+    def _resumable(self, sender: Head, until: int) -> int | None:
+        """The latest layer before ``until`` at which ``sender``'s frozen residual is remembered."""
+        for layer in range(until - 1, sender.layer, -1):
+            if (sender, layer) in self._memo:
+                return layer
+        return None
 
     def _remember(self, key: tuple[Head, int], value: torch.Tensor) -> None:
         self._memo[key] = value
