@@ -206,7 +206,11 @@ def _summary_table(result: Any, path: Path) -> str:
             ]
         )
         rows.append(
-            ["reference", f"{len(result.reference.heads)} heads: {result.reference.source}"]
+            # The full provenance is in the result file; the table names the reference only.
+            [
+                "reference",
+                f"{len(result.reference.heads)} heads: {result.reference.source.split(': ')[0]}",
+            ]
         )
     for stage in ("prune", "discover", "evaluate"):
         c = result.cost[stage]
