@@ -9,7 +9,7 @@ model's own tokenizer, and a tokenizer that cannot express the task raises :clas
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -222,6 +222,30 @@ def tokenize_pairs(tokenizer: Any, pairs: Sequence[PromptPair], task: str) -> Ta
         prompts=tuple(p.clean for p in pairs),
         corrupt_prompts=tuple(p.corrupt for p in pairs),
     )
+
+
+def distinct_pairs(task: str, n: int, draw: Callable[[int], PromptPair]) -> list[PromptPair]:
+    """``n`` prompt pairs with distinct clean prompts, in order.
+
+    ``draw(i)`` makes a candidate for slot ``i`` (generators cycle templates by slot); a
+    candidate whose clean prompt was already drawn is discarded. Raises TaskError when the
+    word lists cannot give ``n`` distinct prompts within 100 n + 1000 draws.
+    """
+    seen: set[str] = set()
+    pairs: list[PromptPair] = []
+    attempts = 0
+    while len(pairs) < n:
+        attempts += 1
+        if attempts > 100 * n + 1000:
+            raise TaskError(
+                f"task {task!r}: cannot generate {n} distinct prompts from its word lists"
+            )
+        pair = draw(len(pairs))
+        if pair.clean in seen:
+            continue
+        seen.add(pair.clean)
+        pairs.append(pair)
+    return pairs
 
 
 def mean_of_ids(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

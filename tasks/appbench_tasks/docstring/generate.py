@@ -25,7 +25,15 @@ import keyword
 import random
 from typing import TYPE_CHECKING, Any
 
-from appbench import PromptPair, Task, TaskData, TaskError, single_token_id, single_token_words
+from appbench import (
+    PromptPair,
+    Task,
+    TaskData,
+    TaskError,
+    distinct_pairs,
+    single_token_id,
+    single_token_words,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -110,15 +118,8 @@ class DocstringTask(Task):
                 f"without its leading space too); not single tokens: {fixed}"
             )
         rng = random.Random(seed)
-        seen: set[str] = set()
-        pairs: list[PromptPair] = []
-        attempts = 0
-        while len(pairs) < n:
-            attempts += 1
-            if attempts > 100 * n + 1000:
-                raise TaskError(
-                    f"task 'docstring': cannot generate {n} distinct prompts from its word lists"
-                )
+
+        def draw(index: int) -> PromptPair:
             method, *drawn = rng.sample(names, N_NAMES)
             prefix, drawn = drawn[:N_PREFIX], drawn[N_PREFIX:]
             matching, drawn = drawn[:N_MATCHING], drawn[N_MATCHING:]
@@ -127,13 +128,9 @@ class DocstringTask(Task):
             opener = rng.choice(openers)
             desc = [opener, *rng.sample([w for w in desc_words if w != opener], N_DESC - 1)]
             clean = layout(method, prefix + matching + suffix, matching[:-1], desc)
-            if clean in seen:
-                continue
-            seen.add(clean)
             corrupt = layout(method, prefix + fresh_def + suffix, fresh_doc, desc)
             answer = matching[-1]
             wrong = [a for a in prefix + matching + suffix + fresh_def + fresh_doc if a != answer]
-            pairs.append(
-                PromptPair(clean, corrupt, (" " + answer,), tuple(" " + w for w in wrong), GROUP)
-            )
-        return pairs
+            return PromptPair(clean, corrupt, (" " + answer,), tuple(" " + w for w in wrong), GROUP)
+
+        return distinct_pairs("docstring", n, draw)

@@ -14,7 +14,14 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from appbench import PromptPair, Task, TaskError, single_token_id, single_token_words
+from appbench import (
+    PromptPair,
+    Task,
+    TaskError,
+    distinct_pairs,
+    single_token_id,
+    single_token_words,
+)
 
 TEMPLATE = "{OPENER} {NAME} is {TRAIT}, isn't"
 CLEAN_OPENER, CORRUPT_OPENER, NEUTRAL_NAME = "So", "That", "Person"
@@ -99,28 +106,16 @@ class GenderedPronounsTask(Task):
             )
         rng = random.Random(seed)
         groups = templates()
-        seen: set[str] = set()
-        pairs: list[PromptPair] = []
-        attempts = 0
-        while len(pairs) < n:
-            attempts += 1
-            if attempts > 100 * n + 1000:
-                raise TaskError(
-                    f"task 'gendered_pronouns': cannot generate {n} distinct prompts from "
-                    "its word lists"
-                )
-            group, trait = groups[len(pairs) % len(groups)]
+
+        def draw(index: int) -> PromptPair:
+            group, trait = groups[index % len(groups)]
             gender = rng.choice(("male", "female"))
             name = rng.choice(names[gender])
             clean = TEMPLATE.format(OPENER=CLEAN_OPENER, NAME=name, TRAIT=trait)
-            if clean in seen:
-                continue
-            seen.add(clean)
             corrupt = TEMPLATE.format(OPENER=CORRUPT_OPENER, NAME=NEUTRAL_NAME, TRAIT=trait)
             other = "female" if gender == "male" else "male"
-            pairs.append(
-                PromptPair(
-                    clean, corrupt, (" " + PRONOUNS[gender],), (" " + PRONOUNS[other],), group
-                )
+            return PromptPair(
+                clean, corrupt, (" " + PRONOUNS[gender],), (" " + PRONOUNS[other],), group
             )
-        return pairs
+
+        return distinct_pairs("gendered_pronouns", n, draw)

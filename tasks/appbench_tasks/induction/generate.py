@@ -24,7 +24,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from appbench import PromptPair, Task, TaskError, single_token_words
+from appbench import PromptPair, Task, TaskError, distinct_pairs, single_token_words
 
 #: Name templates, our own wording; {NAME} is the full two-token name and {FIRST} the text of
 #: its first token. No template starts with a name, which would tokenise without its space.
@@ -176,25 +176,14 @@ class InductionTask(Task):
             )
         rng = random.Random(seed)
         groups: list[tuple[str, str | tuple[int, int]]] = [*templates(), *random_groups()]
-        seen: set[str] = set()
-        pairs: list[PromptPair] = []
-        attempts = 0
-        while len(pairs) < n:
-            attempts += 1
-            if attempts > 100 * n + 1000:
-                raise TaskError(
-                    f"task 'induction': cannot generate {n} distinct prompts from its word lists"
-                )
-            group, shape = groups[len(pairs) % len(groups)]
+
+        def draw(index: int) -> PromptPair:
+            group, shape = groups[index % len(groups)]
             if isinstance(shape, str):
-                pair = _name_pair(rng, shape, group, names, places)
-            else:
-                pair = _random_pair(rng, shape, group, words)
-            if pair.clean in seen:
-                continue
-            seen.add(pair.clean)
-            pairs.append(pair)
-        return pairs
+                return _name_pair(rng, shape, group, names, places)
+            return _random_pair(rng, shape, group, words)
+
+        return distinct_pairs("induction", n, draw)
 
 
 def _name_pair(

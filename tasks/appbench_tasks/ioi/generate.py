@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from appbench import PromptPair, Task, TaskError, single_token_words
+from appbench import PromptPair, Task, TaskError, distinct_pairs, single_token_words
 
 #: Opening clauses and the giving clause; {X} and {Y} are the first two name slots and {Z} is
 #: the repeated subject. Our own wording, in the style of Wang et al.'s templates.
@@ -79,23 +79,14 @@ class IOITask(Task):
             )
         rng = random.Random(seed)
         groups = templates()
-        seen: set[str] = set()
-        pairs: list[PromptPair] = []
-        attempts = 0
-        while len(pairs) < n:
-            attempts += 1
-            if attempts > 100 * n + 1000:
-                raise TaskError(
-                    f"task 'ioi': cannot generate {n} distinct prompts from its word lists"
-                )
-            group, template = groups[len(pairs) % len(groups)]
+
+        def draw(index: int) -> PromptPair:
+            group, template = groups[index % len(groups)]
             io, s, x, y, z = rng.sample(names, 5)
             place, obj = rng.choice(places), rng.choice(objects)
             first, second = (io, s) if group.startswith("ABBA") else (s, io)
             clean = template.format(X=first, Y=second, Z=s, PLACE=place, OBJECT=obj)
-            if clean in seen:
-                continue
-            seen.add(clean)
             corrupt = template.format(X=x, Y=y, Z=z, PLACE=place, OBJECT=obj)
-            pairs.append(PromptPair(clean, corrupt, (" " + io,), (" " + s,), group))
-        return pairs
+            return PromptPair(clean, corrupt, (" " + io,), (" " + s,), group)
+
+        return distinct_pairs("ioi", n, draw)
