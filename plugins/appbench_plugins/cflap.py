@@ -25,21 +25,14 @@ from pydantic import Field
 
 from appbench import Pruner, hookimpl
 from appbench_plugins.flap import Metric, channel_metric, head_scores
-from appbench_plugins.sparsity import Branch, Rule, SweepParams, prune_single
+from appbench_plugins.sparsity import Branch, SingleBranchParams, prune_single
 
 
-class CflapParams(SweepParams):
+class CflapParams(SingleBranchParams):
     metric: Metric = Field(
         default="wifn",
         description="channel metric compared between clean and corrupted prompts: ifv, wifv "
         "or wifn",
-    )
-    rule: Rule = Field(default="first", description="cliff rule of the sparsity sweep")
-    sparsity: float | None = Field(
-        default=None, ge=0.0, le=1.0, description="fixed sparsity p; skips the sweep"
-    )
-    keep_k: int | None = Field(
-        default=None, ge=1, description="keep exactly this many heads; skips p and the sweep"
     )
 
 

@@ -32,23 +32,16 @@ from typing import Any, Literal
 from pydantic import Field
 
 from appbench import Pruner, RunError, hookimpl
-from appbench_plugins.sparsity import Branch, Rule, SweepParams, prune_single
+from appbench_plugins.sparsity import Branch, SingleBranchParams, prune_single
 
 Metric = Literal["ifv", "wifv", "wifn"]
 
 
-class FlapParams(SweepParams):
+class FlapParams(SingleBranchParams):
     metric: Metric = Field(
         default="wifv",
         description="channel metric: ifv = variance, wifv = variance x ||w||^2, "
         "wifn = sqrt(second moment) x mean|w|",
-    )
-    rule: Rule = Field(default="first", description="cliff rule of the sparsity sweep")
-    sparsity: float | None = Field(
-        default=None, ge=0.0, le=1.0, description="fixed sparsity p; skips the sweep"
-    )
-    keep_k: int | None = Field(
-        default=None, ge=1, description="keep exactly this many heads; skips p and the sweep"
     )
 
 

@@ -448,3 +448,15 @@ def prune_single(ctx: Any, params: Any, branch: Branch) -> SearchSpace:
         scores_by_id(result.scores),
         {**common, **result.details},
     )
+
+
+class SingleBranchParams(SweepParams):
+    """Sweep parameters plus the choices of one branch (the ``flap`` and ``cflap`` pruners)."""
+
+    rule: Rule = Field(default="first", description="cliff rule of the sparsity sweep")
+    sparsity: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="fixed sparsity p; skips the sweep"
+    )
+    keep_k: int | None = Field(
+        default=None, ge=1, description="keep exactly this many heads; skips p and the sweep"
+    )
