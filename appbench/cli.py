@@ -439,8 +439,8 @@ def reference() -> None:
 
 
 @reference.command("build")
-@click.option("--task", "task_name", required=True, help="Task name; see `appbench list tasks`.")
-@click.option("--model", required=True, help="Model name (as given to `appbench run --model`).")
+@click.option("--task", "task_name", default=None, help="Task name; see `appbench list tasks`.")
+@click.option("--model", default=None, help="Model name (as given to `appbench run --model`).")
 @click.option(
     "--discoverer", default="pathpatch", show_default=True, help="Dense discoverer to run."
 )
@@ -458,19 +458,27 @@ def reference() -> None:
 )
 @click.option("--seed", type=int, default=None, help="Prompt seed (default: the task's own).")
 @click.option(
+    "--from-result",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Take the circuit of a finished dense run (`appbench run --pruner none ...`) instead "
+    "of running the discoverer again.",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Folder for <model>.json (default: the task folder's reference/).",
 )
 def reference_build(
-    task_name: str,
-    model: str,
+    task_name: str | None,
+    model: str | None,
     discoverer: str,
     discoverer_params: tuple[tuple[str, str], ...],
     device: str,
     n_search: int | None,
     seed: int | None,
+    from_result: Path | None,
     out: Path | None,
 ) -> None:
     """Run DISCOVERER on the dense search space and save its circuit as the reference.
@@ -478,34 +486,54 @@ def reference_build(
     The circuit is stored under the key ``appbench-<discoverer>`` with its provenance
     (command, appbench version and commit, parameters, prompts) and becomes the default
     reference of the file; other circuits already in the file (literature circuits) are kept.
+    On big models the dense run takes long: run it once with ``appbench run --pruner none``
+    (it is also the baseline that speedups are measured against) and pass its result file
+    with ``--from-result``.
     """
     import tempfile
     from importlib import resources
 
     from appbench.plugins import get_registries
+    from appbench.results import load_result
     from appbench.runner import RunConfig
     from appbench.runner import run as run_once
     from appbench.tasks import ReferenceCircuit, ReferenceFile
 
+    command = shlex.join(["appbench", *sys.argv[1:]])
+    if from_result is not None:
+        result = load_result(from_result)
+        for flag, given, found in (
+            ("--task", task_name, result.task),
+            ("--model", model, result.model),
+        ):
+            if given is not None and given != found:
+                fail(f"{from_result} is a run of {flag} {found}, not {given}")
+        if result.pruner != "none":
+            fail(f"{from_result} was pruned by {result.pruner}; a reference needs a dense run")
+        task_name, model, discoverer = result.task, result.model, result.discoverer
+        source_command = result.provenance.command
+    elif task_name is None or model is None:
+        fail("give --task and --model (or --from-result FILE)")
     task = get_registries().tasks.get(task_name)
     folder = out or Path(str(resources.files(task.package).joinpath("reference")))
-    command = shlex.join(["appbench", *sys.argv[1:]])
-    with tempfile.TemporaryDirectory() as scratch:
-        config = RunConfig(
-            pruner="none",
-            discoverer=discoverer,
-            task=task_name,
-            model=model,
-            seed=seed,
-            device=device,
-            n_search=n_search,
-            n_eval=None,
-            discoverer_params=_params(discoverer_params),
-            out=Path(scratch),
-            command=command,
-            compute_reference=False,
-        )
-        result, _ = run_once(config, lambda line: click.echo(f"[appbench] {line}", err=True))
+    if from_result is None:
+        source_command = command
+        with tempfile.TemporaryDirectory() as scratch:
+            config = RunConfig(
+                pruner="none",
+                discoverer=discoverer,
+                task=task_name,
+                model=model,
+                seed=seed,
+                device=device,
+                n_search=n_search,
+                n_eval=None,
+                discoverer_params=_params(discoverer_params),
+                out=Path(scratch),
+                command=command,
+                compute_reference=False,
+            )
+            result, _ = run_once(config, lambda line: click.echo(f"[appbench] {line}", err=True))
     path = folder / f"{model.replace('/', '__')}.json"
     existing = task.reference_file(model) if out is None else None
     circuits = dict(existing.circuits) if existing else {}
@@ -516,8 +544,9 @@ def reference_build(
         heads=result.circuit["heads"],
         n_layers=result.n_layers,
         n_heads=result.n_heads,
-        source=f"{command} (appbench {result.provenance.appbench_version}, commit "
-        f"{result.provenance.git_commit or 'unknown'}, task version {result.provenance.task_version})",
+        source=f"{source_command} (appbench {result.provenance.appbench_version}, commit "
+        f"{result.provenance.git_commit or 'unknown'}, task version {result.provenance.task_version})"
+        + (f"; recorded by {command}" if from_result is not None else ""),
         method=f"dense {discoverer} (pruner none) on the task's search split",
         parameters={
             **result.discoverer_params,

@@ -7,6 +7,7 @@ stage, so every plugin is measured the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -37,6 +38,8 @@ class RunContext:
         device: torch device string of the model.
         seed: the run's seed.
         engine: the patching engine bound to the model and task.
+        log: where a plugin reports progress on long work (one line at a time); the CLI
+            prints it to stderr, tests and library callers may leave it silent.
     """
 
     model: Any
@@ -47,6 +50,7 @@ class RunContext:
     device: str
     seed: int
     engine: PatchingEngine
+    log: Callable[[str], None] = lambda line: None
 
     @property
     def n_layers(self) -> int:

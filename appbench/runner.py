@@ -373,7 +373,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
         search, evaluation = search.to(cfg.device), evaluation.to(cfg.device)
     torch.manual_seed(seed)
     engine = PatchingEngine(model, task)
-    ctx = RunContext(model, cfg.model, task, search, evaluation, cfg.device, seed, engine)
+    ctx = RunContext(model, cfg.model, task, search, evaluation, cfg.device, seed, engine, log)
     counter = CostCounter(model)
     try:
         log(f"pruning with {cfg.pruner}")

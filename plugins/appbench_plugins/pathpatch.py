@@ -54,6 +54,7 @@ reference makes for this search whichever engine ran; the runner measures what a
 """
 
 import math
+import time
 from collections import deque
 from typing import Literal
 
@@ -215,6 +216,8 @@ class PathPatch(Discoverer):
         evaluations = {"resid_post": 0, "q": 0, "k": 0, "v": 0}
         trace = []
 
+        started = time.perf_counter()
+        ctx.log(f"pathpatch: scoring {len(space_heads)} senders on the logits")
         resid_scores = scorer.logits(space_heads)
         forward_passes += len(space_heads)
         evaluations["resid_post"] += len(space_heads)
@@ -258,6 +261,11 @@ class PathPatch(Discoverer):
             }
             missing = [letter for letter in QKV if keys[letter] not in input_cache]
             if missing:
+                ctx.log(
+                    f"pathpatch: receiver {receiver.id} ({len(visit_order)} visited, "
+                    f"{len(queue)} queued): {len(senders)} senders x {''.join(missing)}, "
+                    f"{time.perf_counter() - started:.0f} s so far"
+                )
                 for letter, scores in scorer.receiver(receiver, senders, missing).items():
                     input_cache[keys[letter]] = scores
                     forward_passes += 2 * len(senders)

@@ -143,3 +143,61 @@ def test_corrupt_baseline_does_not_lose_the_new_result(tmp_path):
     assert "no speedup" in result.output
     assert load_result(folder / "magnitude__actpatch.json").speedup is None
     assert (folder / "none__actpatch.json").read_text() == "{broken"
+
+
+# ------------------------------------------------------------------- reference build
+def test_reference_build_runs_the_dense_discoverer_and_records_provenance(tmp_path):
+    result = invoke(
+        "reference",
+        "build",
+        "--task",
+        "ioi",
+        "--model",
+        "zoo-multitask",
+        "--n-search",
+        "30",
+        "--out",
+        str(tmp_path),
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "zoo-multitask.json").read_text())
+    circuit = data["circuits"]["appbench-pathpatch"]
+    assert data["default"] == "appbench-pathpatch" and circuit["version"] == "1.0"
+    assert circuit["parameters"]["n_search"] == 30 and circuit["heads"]
+    assert "(appbench 0.1.0, commit " in circuit["source"]  # the command line is sys.argv
+    assert "faithfulness on the evaluation split" in circuit["notes"]
+
+
+def test_reference_build_from_a_dense_result_reuses_its_circuit(runs, tmp_path):
+    out, _, _ = runs
+    dense = out / "ioi" / "zoo-multitask" / "none__actpatch.json"
+    result = invoke("reference", "build", "--from-result", str(dense), "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    circuit = json.loads((tmp_path / "zoo-multitask.json").read_text())["circuits"][
+        "appbench-actpatch"
+    ]
+    run = load_result(dense)
+    assert circuit["heads"] == run.circuit["heads"]
+    assert circuit["parameters"]["n_search"] == 40
+    assert circuit["source"].startswith(run.provenance.command)
+
+
+@pytest.mark.parametrize(
+    ("result_file", "extra", "message"),
+    [
+        ("magnitude__actpatch.json", [], "was pruned by magnitude; a reference needs a dense run"),
+        ("none__actpatch.json", ["--task", "docstring"], "is a run of --task ioi, not docstring"),
+    ],
+)
+def test_reference_build_rejects_unusable_results_in_one_line(
+    runs, tmp_path, result_file, extra, message
+):
+    out, _, _ = runs
+    path = out / "ioi" / "zoo-multitask" / result_file
+    result = invoke(
+        "reference", "build", "--from-result", str(path), "--out", str(tmp_path), *extra
+    )
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert not (tmp_path / "zoo-multitask.json").exists()

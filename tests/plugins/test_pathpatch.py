@@ -1,6 +1,7 @@
 """Known-answer tests of automated path patching: planted circuits and edges, the selection
 rule on hand-made scores, search-space restriction (counted forward passes), the CLI."""
 
+import dataclasses
 import json
 import math
 import random
@@ -304,3 +305,15 @@ def test_parity_fast_engine_finds_the_reference_circuit(build):
     assert fast.scores.keys() == slow.scores.keys()
     assert max(abs(fast.scores[h] - slow.scores[h]) for h in fast.scores) < 1e-4
     assert fast.details["reference_forward_passes"] == slow.details["reference_forward_passes"]
+
+
+def test_progress_is_reported_once_per_stage_through_the_context_log():
+    lines: list[str] = []
+    ctx = dataclasses.replace(planted_context(planted_chain_model()), log=lines.append)
+    circuit = PathPatch().discover(ctx, SearchSpace.dense(ctx.n_layers, 8), PathPatch.Params())
+    assert lines[0] == f"pathpatch: scoring {ctx.n_layers * 8} senders on the logits"
+    visited = circuit.details["receivers_visited"]
+    assert len(lines) == 1 + len(visited) > 1
+    for line, receiver in zip(lines[1:], visited, strict=True):
+        assert line.startswith(f"pathpatch: receiver {receiver} (")
+        assert f"{8 * Head.parse(receiver).layer} senders x qkv" in line
