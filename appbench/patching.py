@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from appbench.circuit import Head
+from appbench.fused import POST_NORM_ARCHITECTURES, FusedBlocks, fusable, plain_attention
 
 if TYPE_CHECKING:
     from appbench.tasks import Task, TaskData
@@ -308,29 +309,6 @@ def _repeat_data(data: TaskData, k: int) -> TaskData:
 
 
 # ------------------------------------------------------------------ path patching
-#: Architectures whose attention output passes through a norm after W_O: a sender's effect is
-#: then not additive in the residual stream, so frozen passes run through TransformerLens.
-_POST_NORM_ARCHITECTURES = ("OlmoForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
-
-
-def _plain_attention(cfg: Any) -> bool:
-    """Whether the last layer's attention can be computed for the target query alone with
-    TransformerLens's own pieces (no position-dependent extras we would have to mirror)."""
-    return (
-        cfg.positional_embedding_type in ("standard", "rotary")
-        and cfg.dtype in (torch.float32, torch.float64)
-        and getattr(cfg, "attention_dir", "causal") == "causal"
-        and not getattr(cfg, "use_qk_norm", False)
-        and getattr(cfg, "clip_qkv", None) is None
-        and not getattr(cfg, "use_logn_attn", False)
-        and not getattr(cfg, "use_attention_sinks", False)
-        and not getattr(cfg, "use_dynamic_ntk_rope", False)
-        and not getattr(cfg, "load_in_4bit", False)
-        and not getattr(cfg, "use_attn_result", False)
-        and all(kind == "global" for kind in (getattr(cfg, "attn_types", None) or ["global"]))
-    )
-
-
 @dataclass(frozen=True)
 class PathPatchingCache:
     """Clean and corrupted activations of one split, computed in two forward passes.
@@ -392,15 +370,31 @@ class PathPatcher:
         self.data = data
         self.memo_bytes = memo_bytes
         self._memo: dict[tuple[Head, int], torch.Tensor] = {}
+        self._clean_inputs: dict[Head, dict[str, torch.Tensor]] = {}
         self.cache = self._build_cache()
         cfg = self.model.cfg
         self.closed_form = not (
             getattr(cfg, "use_normalization_before_and_after", False)
             or getattr(cfg, "use_split_qkv_input", False)
             or getattr(cfg, "use_attn_in", False)
-            or getattr(cfg, "original_architecture", None) in _POST_NORM_ARCHITECTURES
+            or getattr(cfg, "original_architecture", None) in POST_NORM_ARCHITECTURES
         )
-        self.target_only_last_layer = self.closed_form and _plain_attention(cfg)
+        self.target_only_last_layer = self.closed_form and plain_attention(cfg)
+        self.fused = (
+            FusedBlocks(self.model, self._count_flops)
+            if self.target_only_last_layer and fusable(self.model)
+            else None
+        )
+
+    def _count_flops(self, flops: float) -> None:
+        self.engine.extra_flops += flops
+
+    def _mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """MLP output of ``layer`` for the residual ``x`` (its norm included)."""
+        if self.fused is not None:
+            return self.fused.mlp(layer, x)
+        block = self.model.blocks[layer]
+        return block.apply_mlp(block.ln2(x))
 
     # ------------------------------------------------------------------ caches
     @torch.no_grad()
@@ -493,23 +487,20 @@ class PathPatcher:
         def at(tensor: torch.Tensor) -> torch.Tensor:  # [N, T, d] -> [N, P, d]
             return tensor if positions is None else tensor[torch.arange(n), positions][:, None]
 
-        if start is None:
-            x = at(cache.resid_pre[layer]).expand(k, n, p, d).reshape(k * n, p, d)
-        else:
-            x = start.reshape(k * n, p, d)
+        # [K, N, P, d] throughout; the clean tensors [N, P, d] broadcast over senders.
+        x = at(cache.resid_pre[layer]).expand(k, n, p, d) if start is None else start
         for current in range(layer, until):
-            block = model.blocks[current]
-            added = at(cache.attn_out[current]).expand(k, n, p, d).reshape(k * n, p, d)
+            added = at(cache.attn_out[current])
             if current == layer and delta is not None:
-                added = added + delta.reshape(k * n, p, d)
+                added = added + delta
             if model.cfg.attn_only:
                 x = x + added
             elif model.cfg.parallel_attn_mlp:
-                x = x + added + block.apply_mlp(block.ln2(x))
+                x = x + added + self._mlp(current, x.reshape(k * n, p, d)).view(k, n, p, d)
             else:
                 mid = x + added
-                x = mid + block.apply_mlp(block.ln2(mid))
-        return x.view(k, n, p, d)
+                x = mid + self._mlp(current, mid.view(k * n, p, d)).view(k, n, p, d)
+        return x
 
     @torch.no_grad()
     def _frozen_by_hooks(self, senders: Sequence[Head], until: int) -> torch.Tensor:
@@ -687,20 +678,101 @@ class PathPatcher:
                     for kind, rows in rows_of.items()
                     if rows
                 ]
-                model_input = clean_start.repeat(n_part, 1, 1)
                 if self.target_only_last_layer:
-                    with self.model.hooks(fwd_hooks=hooks):
+                    before_last = self._after_receiver_layer(receiver, n_part, rows_of, values_of)
+                    if self.fused is not None:
+                        before_last = self.fused.run(before_last, receiver.layer + 1, last)
+                    elif receiver.layer + 1 < last:
                         before_last = self.model(
-                            model_input, start_at_layer=receiver.layer, stop_at_layer=last
+                            before_last, start_at_layer=receiver.layer + 1, stop_at_layer=last
                         )
                     final = self.last_layer_at_target(before_last, targets)
                     logits = engine.unembed_residual(final).view(n_part, len(data), -1)
                 else:
+                    model_input = clean_start.repeat(n_part, 1, 1)
                     logits = engine.run_to_target(data, model_input, receiver.layer, hooks, n_part)
             means = engine.metric(data, logits).mean(dim=1)
             for (kind, s, _), score in zip(part, self._scores(means), strict=True):
                 results[kind][s] = score
         return results
+
+    def _query_group(self, receiver: Head) -> list[int]:
+        """The query heads reading the receiver's key/value head (just the receiver without GQA)."""
+        kv = self.input_head_index(receiver, "k")
+        return [
+            h
+            for h in range(self.engine.n_heads)
+            if self.input_head_index(Head(receiver.layer, h), "k") == kv
+        ]
+
+    def _clean_receiver_inputs(self, receiver: Head) -> dict[str, torch.Tensor]:
+        """Clean inputs of the receiver's group: q [N, T, G, d_head] for every query head of
+        its key/value group, k and v [N, T, 1, d_head] (computed once per receiver)."""
+        if receiver not in self._clean_inputs:
+            resid = self.cache.resid_pre[receiver.layer][None]
+            group = self._query_group(receiver)
+            queries = [self.receiver_input(resid, Head(receiver.layer, h), "q")[0] for h in group]
+            self._clean_inputs[receiver] = {
+                "q": torch.stack(queries, dim=2),
+                **{
+                    kind: self.receiver_input(resid, receiver, kind)[0][:, :, None] for kind in "kv"
+                },
+            }
+        return self._clean_inputs[receiver]
+
+    @torch.no_grad()
+    def _after_receiver_layer(
+        self,
+        receiver: Head,
+        n_variants: int,
+        rows_of: dict[str, list[int]],
+        values_of: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Residual after the receiver's layer, [n_variants * N, T, d], with the receiver's
+        q, k or v replaced on the given variant rows.
+
+        Only the heads that read the replaced input are recomputed (the receiver, and under
+        GQA the query heads sharing its key/value head); every other head reads the clean
+        residual, so its output is the cached clean one, and the layer's attention output is
+        the clean one plus the recomputed heads' change ``(z - z_clean) W_O``.
+        """
+        from transformer_lens.utilities.activation_functions import apply_softcap
+
+        model, cache = self.model, self.cache
+        layer = receiver.layer
+        block = model.blocks[layer]
+        attn = block.attn
+        n, length, d = cache.resid_pre[layer].shape
+        group = self._query_group(receiver)
+        clean = self._clean_receiver_inputs(receiver)
+        inputs = {kind: value.repeat(n_variants, 1, 1, 1) for kind, value in clean.items()}
+        slot = {"q": group.index(receiver.head), "k": 0, "v": 0}
+        for kind, rows in rows_of.items():
+            if rows:
+                inputs[kind].view(n_variants, n, length, -1, inputs[kind].shape[-1])[
+                    rows, :, :, slot[kind]
+                ] = values_of[kind].to(inputs[kind].dtype)
+        q, k, v = inputs["q"], inputs["k"], inputs["v"]  # [B, T, G or 1, d_head]
+        if model.cfg.positional_embedding_type == "rotary":
+            q, k = attn.apply_rotary(q, 0), attn.apply_rotary(k, 0)
+        scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) / attn.attn_scale  # [B, G, T, T]
+        scores = apply_softcap(scores, model.cfg.attn_scores_soft_cap)
+        future = torch.ones(length, length, dtype=torch.bool, device=scores.device).triu(1)
+        pattern = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+        pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+        z = pattern.to(v.dtype) @ v.transpose(1, 2)  # [B, G, T, d_head]
+        z_clean = cache.z_clean[layer][:, :, group].permute(0, 2, 1, 3).repeat(n_variants, 1, 1, 1)
+        w_o = attn.W_O[group]  # [G, d_head, d]
+        change = torch.einsum("bgte,ged->btd", (z - z_clean).to(w_o.dtype), w_o)
+        n_rows, d_head = n_variants * n, z.shape[-1]
+        self.engine.extra_flops += (
+            n_rows * length * len(group) * (2 * 2 * length * d_head + 2 * d_head * d)
+        )
+        if model.cfg.attn_only or model.cfg.parallel_attn_mlp:
+            # The MLP reads the residual before attention (or there is none): unchanged.
+            return cache.resid_pre[layer + 1].repeat(n_variants, 1, 1) + change
+        mid = (cache.resid_pre[layer] + cache.attn_out[layer]).repeat(n_variants, 1, 1) + change
+        return mid + self._mlp(layer, mid)
 
     @torch.no_grad()
     def last_layer_at_target(
@@ -727,7 +799,7 @@ class PathPatcher:
         attn = block.attn
         n_rows, length, d = resid.shape
         rows = torch.arange(n_rows, device=resid.device)
-        normed = block.ln1(resid)
+        normed = self.fused.norm(block.ln1, resid) if self.fused else block.ln1(resid)
         normed_target = normed[rows, targets][:, None]
         q, k, v = attn.calculate_qkv_matrices(normed_target, normed, normed)
         for kind, patch_rows, index, values in patches:
@@ -757,13 +829,14 @@ class PathPatcher:
         self.engine.extra_flops += others * 2 * d * model.cfg.d_head * 2 * n_kv
         self.engine.extra_flops += others * 2 * 2 * model.cfg.n_heads * model.cfg.d_head
         x = resid[rows, targets][:, None]
+        last = model.cfg.n_layers - 1
         if model.cfg.attn_only:
             x = x + out
         elif model.cfg.parallel_attn_mlp:
-            x = x + out + block.apply_mlp(block.ln2(x))
+            x = x + out + self._mlp(last, x)
         else:
             mid = x + out
-            x = mid + block.apply_mlp(block.ln2(mid))
+            x = mid + self._mlp(last, mid)
         return x[:, 0]
 
     def _input_hook(

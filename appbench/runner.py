@@ -101,15 +101,15 @@ class CostCounter:
     """
 
     def __init__(self, model: Any) -> None:
+        from appbench.fused import mlp_flops_per_token  # imports torch: not at CLI start
+
         cfg = model.cfg
         self.n_layers = int(cfg.n_layers)
         self.tally = _Tally()
         d_model, n_heads, d_head = int(cfg.d_model), int(cfg.n_heads), int(cfg.d_head)
         n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
-        d_mlp = int(cfg.d_mlp or 0) if not cfg.attn_only else 0
-        gated = bool(getattr(cfg, "gated_mlp", False))
         self._proj_per_token = 2 * d_model * d_head * (2 * n_heads + 2 * n_kv)
-        self._mlp_per_token = 2 * d_model * d_mlp * (3 if gated else 2)
+        self._mlp_per_token = mlp_flops_per_token(cfg)
         self._attn_per_pair = 2 * 2 * n_heads * d_head
         self._unembed_per_token = 2 * d_model * int(cfg.d_vocab_out)
         self._handles = [model.register_forward_pre_hook(self._on_call)]

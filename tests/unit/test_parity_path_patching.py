@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from appbench import Head, build_model, load_model
+from appbench.fused import FusedBlocks, fusable
 from appbench.patching import PatchingEngine, PathPatcher
 from appbench.path_patching import (
     path_patching_baseline,
@@ -12,6 +13,7 @@ from appbench.path_patching import (
     sender_scores_to_receiver,
 )
 from appbench.plugins import get_registries
+from appbench.runner import CostCounter
 from appbench.testing import ToyTask, toy_tokenizer
 
 TOLERANCE = 1e-4
@@ -47,11 +49,15 @@ def random_model(extra):
     return model
 
 
-def assert_parity(model, task, data, receivers, closed_form=True, heads=None):
+def assert_parity(model, task, data, receivers, closed_form=True, heads=None, fused=None):
+    fused = closed_form if fused is None else fused
     engine = PatchingEngine(model, task, max_rows=64)  # small chunks: exercise chunking too
     patcher = PathPatcher(engine, data)
     patcher.closed_form = patcher.closed_form and closed_form
     patcher.target_only_last_layer = patcher.target_only_last_layer and closed_form
+    if not closed_form:
+        patcher.fused = None
+    assert (patcher.fused is not None) == fused
     base = path_patching_baseline(model, task, data)
     assert patcher.cache.m_clean == pytest.approx(base.m_clean, abs=TOLERANCE)
     if heads is None:
@@ -79,6 +85,48 @@ def test_parity_on_every_model_shape(shape):
     task = ToyTask()
     data, _ = task.splits(model.tokenizer)
     assert_parity(model, task, data, [Head(1, 2), Head(2, 3)])
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"d_mlp": 64, "act_fn": "solu_ln", "normalization_type": "LN"}, "activation"),
+        ({"d_mlp": 64, "act_fn": "gelu", "attn_scores_soft_cap": 5.0}, "soft cap"),
+    ],
+)
+def test_parity_without_fused_blocks(extra, reason):
+    """Configurations the fused blocks do not mirror run through TransformerLens, exactly."""
+    model = random_model(extra)
+    assert not fusable(model), reason
+    task = ToyTask()
+    data, _ = task.splits(model.tokenizer)
+    assert_parity(model, task, data, [Head(1, 2)], fused=False)
+
+
+@pytest.mark.parametrize("shape", [*sorted(SHAPES), "gelu-new-pre-norm"])
+def test_parity_fused_blocks_match_transformer_lens(shape):
+    """The fused forward equals TransformerLens's block by block, and is counted the same."""
+    extra = SHAPES.get(shape, {"d_mlp": 64, "act_fn": "gelu_new", "normalization_type": "LNPre"})
+    model = random_model(extra)
+    assert fusable(model)
+    tokens = ToyTask().splits(model.tokenizer)[0].clean
+    _, cache = model.run_with_cache(tokens)
+    start = cache["blocks.0.hook_resid_pre"]
+    counter = CostCounter(model)
+    fused_flops = []
+    fused = FusedBlocks(model, fused_flops.append)
+    for layer in range(model.cfg.n_layers):
+        expected = cache[f"blocks.{layer}.hook_resid_post"]
+        with torch.no_grad():
+            got = fused.run(start, 0, layer + 1)
+        # float32 rounding of activations up to ~30 in size
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4, msg=f"block {layer}")
+    fused_total = counter.tally.flops + sum(fused_flops)
+    counter.tally.flops = 0.0
+    for layer in range(model.cfg.n_layers):
+        model(start, start_at_layer=0, stop_at_layer=layer + 1)
+    assert fused_total == counter.tally.flops
+    counter.remove()
 
 
 @pytest.mark.parametrize("shape", ["mlp-layernorm", "gqa-rotary-rmsnorm-gated"])

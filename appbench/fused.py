@@ -1,0 +1,172 @@
+"""Fused forward of plain TransformerLens blocks, for the patching engine's reruns.
+
+TransformerLens spells every block out op by op so that each intermediate can be hooked: GELU
+as eight elementwise passes over the MLP's hidden layer, LayerNorm as six, attention through
+rearranged matmuls and a materialised pattern. The engine hooks nothing inside the blocks it
+reruns, so it computes the same functions with torch's fused kernels (``F.layer_norm``,
+``F.rms_norm``, ``F.gelu(approximate="tanh")``, ``scaled_dot_product_attention``). On a CPU
+those elementwise passes cost about as much as the matmuls; the values agree with
+TransformerLens to float rounding (the parity tests compare scores to 1e-4).
+
+Only configurations whose every piece is mirrored here are fused (see :func:`fusable`); the
+engine runs the others through TransformerLens.
+
+Cost counting stays with the runner's module hooks: each attention layer passes its ``z``
+through the layer's own ``hook_z`` (which the CostCounter watches), and MLP FLOPs, which no
+TransformerLens module sees here, are reported through a callback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+#: Architectures whose attention and MLP outputs pass through a norm after their projection.
+POST_NORM_ARCHITECTURES = ("OlmoForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
+
+_TANH_GELU = ("gelu_new", "gelu_fast", "gelu_pytorch_tanh")
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    **{name: lambda x: F.gelu(x, approximate="tanh") for name in _TANH_GELU},
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+_NORMS = ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre", "Identity")
+
+
+def plain_attention(cfg: Any) -> bool:
+    """Whether attention is plain causal softmax attention over every position, with no
+    extras (q/k norms, clipping, soft caps, sinks, local windows) that a re-implementation
+    would have to mirror."""
+    return (
+        cfg.positional_embedding_type in ("standard", "rotary")
+        and cfg.dtype in (torch.float32, torch.float64)
+        and getattr(cfg, "attention_dir", "causal") == "causal"
+        and not getattr(cfg, "use_qk_norm", False)
+        and cfg.original_architecture not in ("OlmoeForCausalLM", *POST_NORM_ARCHITECTURES)
+        and getattr(cfg, "clip_qkv", None) is None
+        and not getattr(cfg, "use_logn_attn", False)
+        and not getattr(cfg, "use_attention_sinks", False)
+        and not getattr(cfg, "use_dynamic_ntk_rope", False)
+        and not getattr(cfg, "load_in_4bit", False)
+        and not getattr(cfg, "use_attn_result", False)
+        and all(kind == "global" for kind in (getattr(cfg, "attn_types", None) or ["global"]))
+    )
+
+
+def mlp_flops_per_token(cfg: Any) -> int:
+    """Analytic FLOPs (2 per multiply-add) of one MLP call per token; 0 without MLPs."""
+    if cfg.attn_only or not cfg.d_mlp:
+        return 0
+    return 2 * int(cfg.d_model) * int(cfg.d_mlp) * (3 if getattr(cfg, "gated_mlp", False) else 2)
+
+
+def fusable(model: Any) -> bool:
+    """Whether every block of ``model`` is built from pieces :class:`FusedBlocks` mirrors."""
+    cfg = model.cfg
+    soft_cap = getattr(cfg, "attn_scores_soft_cap", None)
+    if (
+        not plain_attention(cfg)
+        or (soft_cap is not None and soft_cap > 0)
+        or getattr(cfg, "use_split_qkv_input", False)
+        or getattr(cfg, "use_attn_in", False)
+        or getattr(cfg, "use_normalization_before_and_after", False)
+    ):
+        return False
+    if not cfg.attn_only and (cfg.act_fn not in _ACTIVATIONS or cfg.is_layer_norm_activation()):
+        return False
+    for block in model.blocks:
+        norms = [block.ln1] if cfg.attn_only else [block.ln1, block.ln2]
+        if any(type(norm).__name__ not in _NORMS for norm in norms):
+            return False
+        if type(block.attn).__name__ not in ("Attention", "GroupedQueryAttention"):
+            return False
+        if not cfg.attn_only and type(block.mlp).__name__ not in ("MLP", "GatedMLP"):
+            return False
+    return True
+
+
+class FusedBlocks:
+    """The blocks of a :func:`fusable` model, computed with fused kernels.
+
+    Args:
+        model: the TransformerLens model (its weights are read at every call, never copied).
+        count_flops: receives the analytic FLOPs of each MLP call.
+    """
+
+    def __init__(self, model: Any, count_flops: Callable[[float], None]) -> None:
+        self.model = model
+        self.cfg = model.cfg
+        self.count_flops = count_flops
+        self._mlp_per_token = mlp_flops_per_token(model.cfg)
+        self._act = _ACTIVATIONS.get(model.cfg.act_fn or "", F.gelu)
+
+    def norm(self, module: Any, x: torch.Tensor) -> torch.Tensor:
+        """``module`` (a TransformerLens norm) applied to ``x``."""
+        kind = type(module).__name__
+        if kind == "Identity":
+            return x
+        shape = (x.shape[-1],)
+        if kind.startswith("LayerNorm"):
+            affine = kind == "LayerNorm"
+            return F.layer_norm(
+                x, shape, module.w if affine else None, module.b if affine else None, module.eps
+            )
+        return F.rms_norm(x, shape, module.w if kind == "RMSNorm" else None, eps=module.eps)
+
+    def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The MLP's output for the residual ``x`` (its ln2 included)."""
+        block = self.model.blocks[layer]
+        mlp = block.mlp
+        flat = self.norm(block.ln2, x).reshape(-1, x.shape[-1])
+        if type(mlp).__name__ == "GatedMLP":
+            hidden = self._act(flat @ mlp.W_gate) * (flat @ mlp.W_in) + mlp.b_in
+        else:
+            hidden = self._act(torch.addmm(mlp.b_in, flat, mlp.W_in))
+        self.count_flops(float(flat.shape[0] * self._mlp_per_token))
+        return torch.addmm(mlp.b_out, hidden, mlp.W_out).view_as(x)
+
+    def attention(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The attention layer's output (``hook_attn_out``) for the residual ``x``."""
+        from transformer_lens.utilities.attention import simple_attn_linear
+
+        attn = self.model.blocks[layer].attn
+        normed = self.norm(self.model.blocks[layer].ln1, x)
+        grouped = hasattr(attn, "_W_K") and not self.cfg.ungroup_grouped_query_attention
+        w_k, b_k = (attn._W_K, attn._b_K) if grouped else (attn.W_K, attn.b_K)
+        w_v, b_v = (attn._W_V, attn._b_V) if grouped else (attn.W_V, attn.b_V)
+        q = simple_attn_linear(normed, attn.W_Q, attn.b_Q)  # [B, T, H, d_head]
+        k = simple_attn_linear(normed, w_k, b_k)  # [B, T, H_kv, d_head]
+        v = simple_attn_linear(normed, w_v, b_v)
+        if self.cfg.positional_embedding_type == "rotary":
+            q, k = attn.apply_rotary(q, 0), attn.apply_rotary(k, 0)
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            scale=1.0 / float(attn.attn_scale),
+            enable_gqa=k.shape[2] != q.shape[2],
+        ).transpose(1, 2)  # [B, T, H, d_head]
+        z = attn.hook_z(z)  # the CostCounter counts the layer here
+        w_o = attn.W_O.reshape(-1, attn.W_O.shape[-1])  # [(H d_head), d]
+        return F.linear(z.reshape(*z.shape[:2], -1), w_o.T, attn.b_O)
+
+    def block(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The residual after block ``layer``."""
+        attn_out = self.attention(layer, x)
+        if self.cfg.attn_only:
+            return x + attn_out
+        if self.cfg.parallel_attn_mlp:
+            return x + attn_out + self.mlp(layer, x)
+        mid = x + attn_out
+        return mid + self.mlp(layer, mid)
+
+    def run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The residual before layer ``stop``, from the residual ``x`` before layer ``start``."""
+        for layer in range(start, stop):
+            x = self.block(layer, x)
+        return x
