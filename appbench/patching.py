@@ -353,7 +353,13 @@ class PathPatcher:
       computed once per (sender, layer) and reused for every receiver head and for q, k and v;
     - the second pass (clean run, the receiver's q, k or v input replaced) starts from the
       cached clean residual at the receiver's layer, stacks all senders and all three inputs
-      along the batch, and reads logits at the target positions only.
+      along the batch, and reads logits at the target positions only. In the receiver's
+      layer only the heads reading the replaced input are recomputed (the others' outputs are
+      the cached clean ones), and the last layer runs the target query alone;
+    - plain blocks are rerun with fused kernels (:mod:`appbench.fused`).
+
+    What remains is what any exact method must compute: every layer after the receiver's, for
+    every (sender, input) variant, because the network is not linear in the change.
 
     Architectures where that closed form does not hold (norms after W_O, split q/k/v inputs)
     run the frozen passes through TransformerLens hooks instead; the scores are the same.

@@ -78,6 +78,43 @@ def run_engine(model, task, data, senders, receivers):
     return scores, patcher.engine.extra_flops
 
 
+def exact_lower_bound_flops(model, data, senders, receivers) -> float:
+    """FLOPs that any exact evaluation of the workload's scores must spend, whatever the engine.
+
+    A score is the metric after the network runs on with one changed input, and the network
+    is not linear, so what lies downstream of the change must be computed for every variant:
+    - logits stage: each sender's MLPs from its layer on at the target positions (its frozen
+      run) and the unembedding there;
+    - receivers: each sender's frozen MLPs from its layer up to the last receiver after it, at
+      every position, once; then per (receiver, input, sender) every full layer after the
+      receiver's, the last layer for the target query (keys and values at every position) and
+      the unembedding at the target.
+    Everything before the change (the clean prefix of the network) is free. The receiver's own
+    layer is left out, so the bound is generous.
+    """
+    cfg = model.cfg
+    counter = CostCounter(model)
+    counter.remove()
+    n, length = data.clean.shape
+    proj, mlp = counter._proj_per_token, counter._mlp_per_token
+    pairs, unembed = counter._attn_per_pair, counter._unembed_per_token
+    layer_all = n * length * (proj + mlp + length * pairs)
+    n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+    kv = 2 * cfg.d_model * cfg.d_head * 2 * n_kv  # keys and values, per token
+    last_layer = n * length * kv + n * (proj - kv + mlp + length * pairs)
+    downstream_end = last_layer + n * unembed
+    total = sum(n * ((cfg.n_layers - s.layer) * mlp + unembed) for s in senders)
+    for s in senders:
+        after = [r.layer for r in receivers if r.layer > s.layer]
+        if after:
+            total += (max(after) - s.layer) * n * length * mlp
+    for r in receivers:
+        variants = 3 * sum(1 for s in senders if s.layer < r.layer)
+        full_layers = max(0, cfg.n_layers - 2 - r.layer)
+        total += variants * (full_layers * layer_all + downstream_end)
+    return float(total)
+
+
 def measured(fn):
     """One call's result and wall time."""
     started = time.perf_counter()
@@ -124,6 +161,9 @@ def compare(benchmark, model, task, data, label):
         "reference_gflop": round(ref_flops / 1e9, 2),
         "engine_gflop": round(eng_flops / 1e9, 2),
         "flops_ratio": round(ref_flops / eng_flops, 2),
+        "exact_bound_flops_ratio": round(
+            ref_flops / exact_lower_bound_flops(model, data, senders, receivers), 2
+        ),
         "engine_gflop_per_s": round(eng_flops / 1e9 / eng_wall, 2),
         "matmul_gflop_per_s": round(gflops, 2),
         "max_score_difference": worst,
