@@ -89,6 +89,8 @@ def exact_lower_bound_flops(model, data, senders, receivers) -> float:
       every position, once; then per (receiver, input, sender) every full layer after the
       receiver's, the last layer for the target query (keys and values at every position) and
       the unembedding at the target.
+    - and, once, the clean and corrupted runs every score is measured against (all layers,
+      logits at the target positions).
     Everything before the change (the clean prefix of the network) is free. The receiver's own
     layer is left out, so the bound is generous.
     """
@@ -103,7 +105,8 @@ def exact_lower_bound_flops(model, data, senders, receivers) -> float:
     kv = 2 * cfg.d_model * cfg.d_head * 2 * n_kv  # keys and values, per token
     last_layer = n * length * kv + n * (proj - kv + mlp + length * pairs)
     downstream_end = last_layer + n * unembed
-    total = sum(n * ((cfg.n_layers - s.layer) * mlp + unembed) for s in senders)
+    total = 2 * (cfg.n_layers * layer_all + n * unembed)
+    total += sum(n * ((cfg.n_layers - s.layer) * mlp + unembed) for s in senders)
     for s in senders:
         after = [r.layer for r in receivers if r.layer > s.layer]
         if after:
