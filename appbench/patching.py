@@ -545,25 +545,33 @@ class PathPatcher:
         A sender remembered at an earlier layer resumes from there (closed form only): the
         layers it already ran are not run again.
         """
-        missing = [s for s in senders if (s, until) not in self._memo]
+        # Everything this call reads from the memo is taken out first: remembering the new
+        # results may evict older entries, including ones a later group resumes from.
+        found = {s: self._memo[(s, until)] for s in senders if (s, until) in self._memo}
         groups: dict[tuple[int, bool], list[Head]] = {}
-        for s in missing:
+        starts: dict[Head, torch.Tensor] = {}
+        for s in senders:
+            if s in found:
+                continue
             resume = self._resumable(s, until) if self.closed_form else None
+            if resume is not None:
+                starts[s] = self._memo[(s, resume)]
             key = (resume, True) if resume is not None else (s.layer, False)
             groups.setdefault(key, []).append(s)
         for (layer, resumed), group in sorted(groups.items()):
             for chunk in self.engine.chunks(len(group), len(self.data)):
                 part = [group[i] for i in chunk]
                 if resumed:
-                    start = torch.stack([self._memo[(s, layer)] for s in part])
+                    start = torch.stack([starts[s] for s in part])
                     resid = self._frozen(layer, until, None, None, start)
                 elif self.closed_form:
                     resid = self._frozen(layer, until, self.sender_delta(part, None), None)
                 else:
                     resid = self._frozen_by_hooks(part, until)
                 for s, value in zip(part, resid, strict=True):
+                    found[s] = value
                     self._remember((s, until), value)
-        return torch.stack([self._memo[(s, until)] for s in senders])
+        return torch.stack([found[s] for s in senders])
 
     def _resumable(self, sender: Head, until: int) -> int | None:
         """The latest layer before ``until`` at which ``sender``'s frozen residual is remembered."""

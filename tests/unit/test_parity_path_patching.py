@@ -174,3 +174,22 @@ def test_parity_on_smollm2():
     data, _ = task.splits(model.tokenizer, n_search=8, n_eval=2)
     senders = [Head(layer, layer % 9) for layer in range(0, 30, 3)]
     assert_parity(model, task, data, [Head(16, 4), Head(29, 1)], heads=senders)
+
+
+def test_parity_when_the_memo_evicts_what_a_later_group_resumes_from():
+    """A memo budget of two frozen residuals: remembering the layer-1 senders' runs evicts the
+    layer-0 senders' runs that the same call resumes from; scores must not change."""
+    model = random_model(SHAPES["mlp-layernorm"])
+    task = ToyTask()
+    data, _ = task.splits(model.tokenizer)
+    heads = [Head(layer, h) for layer in range(2) for h in range(model.cfg.n_heads)]
+    roomy = PathPatcher(PatchingEngine(model, task), data)
+    one = data.clean.shape[0] * data.clean.shape[1] * model.cfg.d_model * 4
+    tight = PathPatcher(PatchingEngine(model, task), data, memo_bytes=2 * one)
+    for receiver in (Head(1, 0), Head(2, 1), Head(1, 3), Head(2, 2)):
+        senders = [h for h in heads if h.layer < receiver.layer]
+        expected = roomy.receiver_scores(receiver, senders)
+        got = tight.receiver_scores(receiver, senders)
+        for kind in expected:
+            assert max(abs(got[kind][s] - expected[kind][s]) for s in senders) < 1e-6
+    assert len(tight._memo) <= 2 < len(roomy._memo)
