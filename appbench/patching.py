@@ -683,6 +683,16 @@ class PathPatcher:
                     clean_start.repeat(n_part, 1, 1), targets, patches
                 )
                 logits = engine.unembed_residual(final).view(n_part, len(data), -1)
+            elif self.target_only_last_layer:
+                before_last = self._after_receiver_layer(receiver, n_part, rows_of, values_of)
+                if self.fused is not None:
+                    before_last = self.fused.run(before_last, receiver.layer + 1, last)
+                elif receiver.layer + 1 < last:
+                    before_last = self.model(
+                        before_last, start_at_layer=receiver.layer + 1, stop_at_layer=last
+                    )
+                final = self.last_layer_at_target(before_last, targets)
+                logits = engine.unembed_residual(final).view(n_part, len(data), -1)
             else:
                 hooks = [
                     (
@@ -692,19 +702,8 @@ class PathPatcher:
                     for kind, rows in rows_of.items()
                     if rows
                 ]
-                if self.target_only_last_layer:
-                    before_last = self._after_receiver_layer(receiver, n_part, rows_of, values_of)
-                    if self.fused is not None:
-                        before_last = self.fused.run(before_last, receiver.layer + 1, last)
-                    elif receiver.layer + 1 < last:
-                        before_last = self.model(
-                            before_last, start_at_layer=receiver.layer + 1, stop_at_layer=last
-                        )
-                    final = self.last_layer_at_target(before_last, targets)
-                    logits = engine.unembed_residual(final).view(n_part, len(data), -1)
-                else:
-                    model_input = clean_start.repeat(n_part, 1, 1)
-                    logits = engine.run_to_target(data, model_input, receiver.layer, hooks, n_part)
+                model_input = clean_start.repeat(n_part, 1, 1)
+                logits = engine.run_to_target(data, model_input, receiver.layer, hooks, n_part)
             means = engine.metric(data, logits).mean(dim=1)
             for (kind, s, _), score in zip(part, self._scores(means), strict=True):
                 results[kind][s] = score
