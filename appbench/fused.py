@@ -89,6 +89,16 @@ def fusable(model: Any) -> bool:
     return True
 
 
+def input_weights(attn: Any, cfg: Any, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) producing ``hook_{kind}`` of an attention layer: one slice per key/value head
+    under grouped-query attention (as TransformerLens computes them), per query head else."""
+    if kind == "q":
+        return attn.W_Q, attn.b_Q
+    if hasattr(attn, "_W_K") and not cfg.ungroup_grouped_query_attention:
+        return (attn._W_K, attn._b_K) if kind == "k" else (attn._W_V, attn._b_V)
+    return (attn.W_K, attn.b_K) if kind == "k" else (attn.W_V, attn.b_V)
+
+
 class FusedBlocks:
     """The blocks of a :func:`fusable` model, computed with fused kernels.
 
@@ -135,12 +145,9 @@ class FusedBlocks:
 
         attn = self.model.blocks[layer].attn
         normed = self.norm(self.model.blocks[layer].ln1, x)
-        grouped = hasattr(attn, "_W_K") and not self.cfg.ungroup_grouped_query_attention
-        w_k, b_k = (attn._W_K, attn._b_K) if grouped else (attn.W_K, attn.b_K)
-        w_v, b_v = (attn._W_V, attn._b_V) if grouped else (attn.W_V, attn.b_V)
-        q = simple_attn_linear(normed, attn.W_Q, attn.b_Q)  # [B, T, H, d_head]
-        k = simple_attn_linear(normed, w_k, b_k)  # [B, T, H_kv, d_head]
-        v = simple_attn_linear(normed, w_v, b_v)
+        q = simple_attn_linear(normed, *input_weights(attn, self.cfg, "q"))  # [B, T, H, d_head]
+        k = simple_attn_linear(normed, *input_weights(attn, self.cfg, "k"))  # [B, T, H_kv, d_head]
+        v = simple_attn_linear(normed, *input_weights(attn, self.cfg, "v"))
         if self.cfg.positional_embedding_type == "rotary":
             q, k = attn.apply_rotary(q, 0), attn.apply_rotary(k, 0)
         z = F.scaled_dot_product_attention(

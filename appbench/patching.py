@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from appbench.circuit import Head
-from appbench.fused import POST_NORM_ARCHITECTURES, FusedBlocks, fusable, plain_attention
+from appbench.fused import (
+    POST_NORM_ARCHITECTURES,
+    FusedBlocks,
+    fusable,
+    input_weights,
+    plain_attention,
+)
 
 if TYPE_CHECKING:
     from appbench.tasks import Task, TaskData
@@ -622,12 +628,7 @@ class PathPatcher:
         k, n, length, d = resid.shape
         normed = block.ln1(resid.reshape(k * n, length, d))
         index = self.input_head_index(receiver, kind)
-        if kind == "q":
-            w, b = attn.W_Q, attn.b_Q
-        elif hasattr(attn, "_W_K") and not self.model.cfg.ungroup_grouped_query_attention:
-            w, b = (attn._W_K, attn._b_K) if kind == "k" else (attn._W_V, attn._b_V)
-        else:
-            w, b = (attn.W_K, attn.b_K) if kind == "k" else (attn.W_V, attn.b_V)
+        w, b = input_weights(attn, self.model.cfg, kind)
         out = simple_attn_linear(normed, w[index : index + 1], b[index : index + 1])
         self.engine.extra_flops += 2 * normed.shape[:-1].numel() * d * w.shape[-1]
         return out[:, :, 0].view(k, n, length, -1)
