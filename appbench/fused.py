@@ -35,6 +35,8 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
 }
 _NORMS = ("LayerNorm", "LayerNormPre", "RMSNorm", "RMSNormPre", "Identity")
+#: Keys and values [B, P, H_kv, d_head] of the P positions before a block's input.
+Past = tuple[torch.Tensor, torch.Tensor]
 
 
 def plain_attention(cfg: Any) -> bool:
@@ -139,8 +141,29 @@ class FusedBlocks:
         self.count_flops(float(flat.shape[0] * self._mlp_per_token))
         return torch.addmm(mlp.b_out, hidden, mlp.W_out).view_as(x)
 
-    def attention(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The attention layer's output (``hook_attn_out``) for the residual ``x``."""
+    def clean_keys_values(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotated where rotary) and values of the residual ``x`` [B, T, d] at ``layer``:
+        two [B, T, H_kv, d_head] tensors, as :meth:`attention` uses them."""
+        from transformer_lens.utilities.attention import simple_attn_linear
+
+        attn = self.model.blocks[layer].attn
+        normed = self.norm(self.model.blocks[layer].ln1, x)
+        k = simple_attn_linear(normed, *input_weights(attn, self.cfg, "k"))
+        v = simple_attn_linear(normed, *input_weights(attn, self.cfg, "v"))
+        if self.cfg.positional_embedding_type == "rotary":
+            k = attn.apply_rotary(k, 0)
+        self.count_flops(
+            float(normed.shape[:-1].numel() * 2 * 2 * x.shape[-1] * k.shape[-1] * k.shape[-2])
+        )
+        return k, v
+
+    def attention(self, layer: int, x: torch.Tensor, past: Past | None = None) -> torch.Tensor:
+        """The attention layer's output (``hook_attn_out``) for the residual ``x``.
+
+        ``past`` holds the keys and values of positions before ``x`` (see
+        :meth:`clean_keys_values`): ``x`` then covers positions ``P..P+T-1`` and attends to
+        those P positions as well, causally.
+        """
         from transformer_lens.utilities.attention import simple_attn_linear
 
         attn = self.model.blocks[layer].attn
@@ -148,23 +171,35 @@ class FusedBlocks:
         q = simple_attn_linear(normed, *input_weights(attn, self.cfg, "q"))  # [B, T, H, d_head]
         k = simple_attn_linear(normed, *input_weights(attn, self.cfg, "k"))  # [B, T, H_kv, d_head]
         v = simple_attn_linear(normed, *input_weights(attn, self.cfg, "v"))
+        offset = 0 if past is None else int(past[0].shape[1])
         if self.cfg.positional_embedding_type == "rotary":
-            q, k = attn.apply_rotary(q, 0), attn.apply_rotary(k, 0)
+            q, k = attn.apply_rotary(q, offset), attn.apply_rotary(k, offset)
+        mask = None
+        if past is not None and offset > 0:
+            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
+            length = x.shape[1]
+            keys = torch.arange(offset + length, device=x.device)
+            mask = keys[None, :] <= offset + torch.arange(length, device=x.device)[:, None]
         z = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
-            is_causal=True,
+            attn_mask=mask,
+            is_causal=mask is None,
             scale=1.0 / float(attn.attn_scale),
             enable_gqa=k.shape[2] != q.shape[2],
         ).transpose(1, 2)  # [B, T, H, d_head]
-        z = attn.hook_z(z)  # the CostCounter counts the layer here
+        z = attn.hook_z(z)  # the CostCounter counts the layer here (T x T pairs)
+        if offset > 0:  # ... and the pairs with the past positions here
+            self.count_flops(
+                float(z.shape[0] * z.shape[1] * offset * 2 * 2 * q.shape[2] * q.shape[3])
+            )
         w_o = attn.W_O.reshape(-1, attn.W_O.shape[-1])  # [(H d_head), d]
         return F.linear(z.reshape(*z.shape[:2], -1), w_o.T, attn.b_O)
 
-    def block(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """The residual after block ``layer``."""
-        attn_out = self.attention(layer, x)
+    def block(self, layer: int, x: torch.Tensor, past: Past | None = None) -> torch.Tensor:
+        """The residual after block ``layer`` (``past`` as in :meth:`attention`)."""
+        attn_out = self.attention(layer, x, past)
         if self.cfg.attn_only:
             return x + attn_out
         if self.cfg.parallel_attn_mlp:
@@ -172,8 +207,19 @@ class FusedBlocks:
         mid = x + attn_out
         return mid + self.mlp(layer, mid)
 
-    def run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """The residual before layer ``stop``, from the residual ``x`` before layer ``start``."""
+    def run(
+        self,
+        x: torch.Tensor,
+        start: int,
+        stop: int,
+        past: Callable[[int], Past | None] | None = None,
+    ) -> torch.Tensor:
+        """The residual before layer ``stop``, from the residual ``x`` before layer ``start``.
+
+        ``past(layer)``, when given, returns the keys and values of the positions before
+        ``x`` at each layer (positions whose residual does not change, such as the clean prefix
+        a patched run shares with the clean one).
+        """
         for layer in range(start, stop):
-            x = self.block(layer, x)
+            x = self.block(layer, x, None if past is None else past(layer))
         return x

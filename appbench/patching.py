@@ -15,7 +15,7 @@ Per-head outputs are never materialised with ``use_attn_result``; only ``hook_z`
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ from appbench.circuit import Head
 from appbench.fused import (
     POST_NORM_ARCHITECTURES,
     FusedBlocks,
+    Past,
     fusable,
     input_weights,
     plain_attention,
@@ -341,6 +342,82 @@ class PathPatchingCache:
         return self.m_clean - self.m_corrupt
 
 
+@dataclass(frozen=True)
+class LiveSpan:
+    """Prompts of a split whose patched runs can differ from the clean run only at positions
+    ``start .. stop - 1``, and whose metric reads nothing after them.
+
+    Before a prompt's first differing token its clean and corrupted prompts agree, so in a
+    causal model every activation there, the corrupted ``hook_z`` included, is the clean one,
+    and so is every activation of a path-patched run. After its target position nothing
+    reaches the target's logits. A patched run therefore needs only these positions, attending
+    to the clean keys and values of the positions before ``start``.
+
+    Attributes:
+        data: the prompts (a selection of the split).
+        rows: [n] their indices in the split.
+        start: the first position that may change (the earliest of the rows).
+        stop: one past the latest target position of the rows.
+    """
+
+    data: TaskData
+    rows: torch.Tensor
+    start: int
+    stop: int
+
+    def take(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` [K, N, T, ...] of the whole split -> [K, n, stop, ...] of these rows."""
+        return values[:, self.rows, : self.stop]
+
+
+def live_windows(data: TaskData) -> tuple[list[int], list[int]]:
+    """Each prompt's live positions ``start .. stop - 1`` (see :class:`LiveSpan`): from its
+    first token that differs between clean and corrupted prompt (its target, if none differs
+    before it) to its target."""
+    length = data.clean.shape[1]
+    positions = torch.arange(length, device=data.clean.device)
+    differs = (data.clean != data.corrupt) & (positions[None, :] <= data.target_pos[:, None])
+    first = torch.where(differs, positions[None, :], length).min(dim=1).values
+    return torch.minimum(first, data.target_pos).tolist(), (data.target_pos + 1).tolist()
+
+
+def live_spans(data: TaskData, max_spans: int = 8) -> list[LiveSpan]:
+    """The split's prompts grouped into at most ``max_spans`` :class:`LiveSpan` s.
+
+    Prompts with the same live window (:func:`live_windows`) form a span; while there are too many, the two spans whose union adds the
+    fewest positions (prompts x window width) are merged.
+    """
+    starts, stops = live_windows(data)
+    windows: dict[tuple[int, int], list[int]] = {}
+    for row, window in enumerate(zip(starts, stops, strict=True)):
+        windows.setdefault(window, []).append(row)
+    groups = [(start, stop, rows) for (start, stop), rows in sorted(windows.items())]
+
+    def cost(start: int, stop: int, n: int) -> int:
+        return n * (stop - start)
+
+    while len(groups) > max_spans:
+        best: tuple[int, int, int] | None = None
+        for i, (a_start, a_stop, a_rows) in enumerate(groups):
+            for j in range(i + 1, len(groups)):
+                b_start, b_stop, b_rows = groups[j]
+                merged = cost(min(a_start, b_start), max(a_stop, b_stop), len(a_rows) + len(b_rows))
+                extra = (
+                    merged - cost(a_start, a_stop, len(a_rows)) - cost(b_start, b_stop, len(b_rows))
+                )
+                if best is None or extra < best[0]:
+                    best = (extra, i, j)
+        assert best is not None
+        _, i, j = best
+        (a_start, a_stop, a_rows), (b_start, b_stop, b_rows) = groups[i], groups[j]
+        groups[i] = (min(a_start, b_start), max(a_stop, b_stop), sorted(a_rows + b_rows))
+        del groups[j]
+    return [
+        LiveSpan(data.select(rows), torch.tensor(rows, dtype=torch.long), start, stop)
+        for start, stop, rows in groups
+    ]
+
+
 class PathPatcher:
     """Exact path patching (APP spec 3.2), computed with far fewer FLOPs than two full forward
     passes per sender per receiver input.
@@ -383,7 +460,19 @@ class PathPatcher:
         self.memo_bytes = memo_bytes
         self._memo: dict[tuple[Head, int], torch.Tensor] = {}
         self._clean_inputs: dict[Head, dict[str, torch.Tensor]] = {}
+        self._clean_kv: dict[int, Past] = {}
         self.cache = self._build_cache()
+        self.spans = live_spans(data)
+        starts, stops = live_windows(data)
+        length = int(data.clean.shape[1])
+        #: Flat indices (prompt * T + position) of every live position of the split.
+        self._live = torch.cat(
+            [
+                row * length + torch.arange(a, b)
+                for row, (a, b) in enumerate(zip(starts, stops, strict=True))
+            ]
+        ).to(data.clean.device)
+        self.whole = LiveSpan(data, torch.arange(len(data)), 0, int(data.clean.shape[1]))
         cfg = self.model.cfg
         self.closed_form = not (
             getattr(cfg, "use_normalization_before_and_after", False)
@@ -454,20 +543,21 @@ class PathPatcher:
             )
         return cache
 
-    def sender_delta(self, senders: Sequence[Head], positions: torch.Tensor | None) -> torch.Tensor:
-        """Each sender's change to its layer's attention output: [K, N, P, d_model].
-
-        ``positions`` [N] selects one position per prompt (P = 1); None keeps all positions.
-        """
+    def sender_delta(
+        self, senders: Sequence[Head], select: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """Each sender's change to its layer's attention output at the positions ``select``
+        picks from an [N, T, d_head] tensor (``_at_targets``, ``_at_live``): [K, n, P, d_model]."""
         cache, w_o = self.cache, self.model.W_O
         diffs, weights = [], []
         for s in senders:
-            diff = cache.z_corrupt[s.layer, :, :, s.head] - cache.z_clean[s.layer, :, :, s.head]
-            if positions is not None:
-                diff = diff[torch.arange(diff.shape[0]), positions][:, None]
-            diffs.append(diff)
+            diffs.append(
+                select(
+                    cache.z_corrupt[s.layer, :, :, s.head] - cache.z_clean[s.layer, :, :, s.head]
+                )
+            )
             weights.append(w_o[s.layer, s.head])
-        diff_stack = torch.stack(diffs)  # [K, N, P, d_head]
+        diff_stack = torch.stack(diffs)  # [K, n, P, d_head]
         self.engine.extra_flops += 2 * diff_stack.numel() * w_o.shape[-1]
         return torch.einsum("knpe,ked->knpd", diff_stack, torch.stack(weights).to(diff_stack.dtype))
 
@@ -478,31 +568,30 @@ class PathPatcher:
         layer: int,
         until: int,
         delta: torch.Tensor | None,
-        positions: torch.Tensor | None,
+        select: Callable[[torch.Tensor], torch.Tensor],
         start: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Residual stream before layer ``until`` of the frozen run of senders in ``layer``.
+
+        With every attention output frozen, no position reads any other: the run is computed
+        at the positions ``select`` picks alone.
 
         Args:
             layer: the senders' layer (all of them share it), or the layer ``start`` is
                 the residual before.
             until: stop before this layer (n_layers for the final residual).
-            delta: [K, N, P, d] the senders' changes (see :meth:`sender_delta`), added at
-                ``layer``; None when resuming from ``start``.
-            positions: the positions ``delta`` covers ([N], P = 1), or None for all.
-            start: [K, N, P, d] frozen residual before ``layer`` to resume from (a
+            delta: [K, n, P, d] the senders' changes (see :meth:`sender_delta`) at the
+                selected positions, added at ``layer``; None when resuming from ``start``.
+            select: picks the positions computed from a clean [N, T, d] tensor: [n, P, d].
+            start: [K, n, P, d] frozen residual before ``layer`` to resume from (a
                 remembered shorter run of the same senders); None starts from the clean one.
         """
         cache, model = self.cache, self.model
         k, n, p, d = (delta if delta is not None else start).shape  # type: ignore[union-attr]
-
-        def at(tensor: torch.Tensor) -> torch.Tensor:  # [N, T, d] -> [N, P, d]
-            return tensor if positions is None else tensor[torch.arange(n), positions][:, None]
-
-        # [K, N, P, d] throughout; the clean tensors [N, P, d] broadcast over senders.
-        x = at(cache.resid_pre[layer]).expand(k, n, p, d) if start is None else start
+        # [K, n, P, d] throughout; the clean tensors [n, P, d] broadcast over senders.
+        x = select(cache.resid_pre[layer]).expand(k, n, p, d) if start is None else start
         for current in range(layer, until):
-            added = at(cache.attn_out[current])
+            added = select(cache.attn_out[current])
             if current == layer and delta is not None:
                 added = added + delta
             if model.cfg.attn_only:
@@ -513,6 +602,33 @@ class PathPatcher:
                 mid = x + added
                 x = mid + self._mlp(current, mid.view(k * n, p, d)).view(k, n, p, d)
         return x
+
+    def _at_targets(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[N, T, ...] -> [N, 1, ...] at each prompt's target position."""
+        return tensor[torch.arange(tensor.shape[0]), self.data.target_pos][:, None]
+
+    def _at_live(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[..., N, T, d] -> [..., 1, M, d]: the M live positions of the split (see
+        :class:`LiveSpan`) side by side in one row."""
+        flat = tensor.reshape(*tensor.shape[:-3], -1, tensor.shape[-1])
+        return flat[..., self._live, :].unsqueeze(-3)
+
+    def _frozen_everywhere(
+        self, layer: int, until: int, delta: torch.Tensor | None, start: torch.Tensor | None
+    ) -> torch.Tensor:
+        """:meth:`_frozen` at every position, [K, N, T, d], computed at the live positions only
+        (``delta`` at those positions, see :meth:`sender_delta`; ``start`` everywhere).
+
+        Before a prompt's live positions the frozen run is the clean run, and after them
+        nothing reaches its metric: those positions take the clean residual.
+        """
+        live = self._frozen(
+            layer, until, delta, self._at_live, None if start is None else self._at_live(start)
+        )
+        clean = self.cache.resid_pre[until]
+        out = clean.expand(live.shape[0], *clean.shape).clone()
+        out.view(live.shape[0], -1, clean.shape[-1])[:, self._live] = live[:, 0]
+        return out
 
     @torch.no_grad()
     def _frozen_by_hooks(self, senders: Sequence[Head], until: int) -> torch.Tensor:
@@ -569,9 +685,10 @@ class PathPatcher:
                 part = [group[i] for i in chunk]
                 if resumed:
                     start = torch.stack([starts[s] for s in part])
-                    resid = self._frozen(layer, until, None, None, start)
+                    resid = self._frozen_everywhere(layer, until, None, start)
                 elif self.closed_form:
-                    resid = self._frozen(layer, until, self.sender_delta(part, None), None)
+                    delta = self.sender_delta(part, self._at_live)
+                    resid = self._frozen_everywhere(layer, until, delta, None)
                 else:
                     resid = self._frozen_by_hooks(part, until)
                 for s, value in zip(part, resid, strict=True):
@@ -609,8 +726,8 @@ class PathPatcher:
             for chunk in engine.chunks(len(group), len(data)):
                 part = [group[i] for i in chunk]
                 if self.closed_form:
-                    delta = self.sender_delta(part, data.target_pos)
-                    final = self._frozen(layer, engine.n_layers, delta, data.target_pos)[:, :, 0]
+                    delta = self.sender_delta(part, self._at_targets)
+                    final = self._frozen(layer, engine.n_layers, delta, self._at_targets)[:, :, 0]
                 else:
                     full = self._frozen_by_hooks(part, engine.n_layers)
                     final = full[:, rows, data.target_pos]
@@ -656,59 +773,88 @@ class PathPatcher:
         patched = self._frozen_resid_at(senders, receiver.layer)  # [K, N, T, d]
         variants = [(kind, s, i) for kind in inputs for i, s in enumerate(senders)]
         per_variant = {kind: self.receiver_input(patched, receiver, kind) for kind in inputs}
-        clean_start = self.cache.resid_pre[receiver.layer]
         last = engine.n_layers - 1
-        for chunk in engine.chunks(len(variants), len(data)):
-            part = [variants[i] for i in chunk]
-            rows_of = {kind: [j for j, v in enumerate(part) if v[0] == kind] for kind in inputs}
-            values_of = {
-                kind: per_variant[kind][[part[j][2] for j in rows]]
+        # Windows of live positions need attention over a clean prefix: the fused blocks.
+        windowed = self.fused is not None and receiver.layer < last
+        spans = self.spans if windowed else [self.whole]
+        totals = torch.zeros(len(variants), dtype=torch.float64)
+        for span in spans:
+            for chunk in engine.chunks(len(variants), len(span.data)):
+                part = [variants[i] for i in chunk]
+                rows_of = {kind: [j for j, v in enumerate(part) if v[0] == kind] for kind in inputs}
+                values_of = {
+                    kind: span.take(per_variant[kind][[part[j][2] for j in rows]])
+                    for kind, rows in rows_of.items()
+                    if rows
+                }
+                logits = self._patched_target_logits(receiver, span, len(part), rows_of, values_of)
+                totals[chunk.start : chunk.stop] += engine.metric(span.data, logits).sum(dim=1)
+        means = (totals / len(data)).float()
+        for (kind, s, _), score in zip(variants, self._scores(means), strict=True):
+            results[kind][s] = score
+        return results
+
+    def _patched_target_logits(
+        self,
+        receiver: Head,
+        span: LiveSpan,
+        n_part: int,
+        rows_of: dict[str, list[int]],
+        values_of: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Logits at the target positions of ``span``'s prompts, [n_part, n, V], for ``n_part``
+        variants of the clean run in which the receiver's inputs take ``values_of`` (per input
+        kind, [rows, n, span.stop, d_head]) on the variants ``rows_of``."""
+        engine, data = self.engine, span.data
+        clean_start = self.cache.resid_pre[receiver.layer][span.rows, : span.stop]
+        last = engine.n_layers - 1
+        targets = (data.target_pos.to(clean_start.device) - span.start).repeat(n_part)
+        if self.target_only_last_layer and receiver.layer == last:
+            patches = [
+                (
+                    kind,
+                    torch.tensor(rows).repeat_interleave(len(data)) * len(data)
+                    + torch.arange(len(data)).repeat(len(rows)),
+                    self.input_head_index(receiver, kind),
+                    values_of[kind].reshape(-1, *values_of[kind].shape[2:]),
+                )
                 for kind, rows in rows_of.items()
                 if rows
-            }
-            n_part = len(part)
-            targets = data.target_pos.to(clean_start.device).repeat(n_part)
-            if self.target_only_last_layer and receiver.layer == last:
-                patches = [
-                    (
-                        kind,
-                        torch.tensor(rows).repeat_interleave(len(data)) * len(data)
-                        + torch.arange(len(data)).repeat(len(rows)),
-                        self.input_head_index(receiver, kind),
-                        values_of[kind].reshape(-1, *values_of[kind].shape[2:]),
-                    )
-                    for kind, rows in rows_of.items()
-                    if rows
-                ]
-                final = self.last_layer_at_target(
-                    clean_start.repeat(n_part, 1, 1), targets, patches
+            ]
+            final = self.last_layer_at_target(clean_start.repeat(n_part, 1, 1), targets, patches)
+            return engine.unembed_residual(final).view(n_part, len(data), -1)
+        if self.target_only_last_layer:
+            x = self._after_receiver_layer(receiver, n_part, rows_of, values_of, span)
+            if self.fused is not None:
+                x = self.fused.run(
+                    x, receiver.layer + 1, last, lambda layer: self._past(layer, span, n_part)
                 )
-                logits = engine.unembed_residual(final).view(n_part, len(data), -1)
-            elif self.target_only_last_layer:
-                before_last = self._after_receiver_layer(receiver, n_part, rows_of, values_of)
-                if self.fused is not None:
-                    before_last = self.fused.run(before_last, receiver.layer + 1, last)
-                elif receiver.layer + 1 < last:
-                    before_last = self.model(
-                        before_last, start_at_layer=receiver.layer + 1, stop_at_layer=last
-                    )
-                final = self.last_layer_at_target(before_last, targets)
-                logits = engine.unembed_residual(final).view(n_part, len(data), -1)
-            else:
-                hooks = [
-                    (
-                        f"blocks.{receiver.layer}.attn.hook_{kind}",
-                        self._input_hook(kind, receiver, rows, values_of[kind], n_part),
-                    )
-                    for kind, rows in rows_of.items()
-                    if rows
-                ]
-                model_input = clean_start.repeat(n_part, 1, 1)
-                logits = engine.run_to_target(data, model_input, receiver.layer, hooks, n_part)
-            means = engine.metric(data, logits).mean(dim=1)
-            for (kind, s, _), score in zip(part, self._scores(means), strict=True):
-                results[kind][s] = score
-        return results
+            elif receiver.layer + 1 < last:
+                x = self.model(x, start_at_layer=receiver.layer + 1, stop_at_layer=last)
+            final = self.last_layer_at_target(x, targets, past=self._past(last, span, n_part))
+            return engine.unembed_residual(final).view(n_part, len(data), -1)
+        hooks = [
+            (
+                f"blocks.{receiver.layer}.attn.hook_{kind}",
+                self._input_hook(kind, receiver, rows, values_of[kind], n_part),
+            )
+            for kind, rows in rows_of.items()
+            if rows
+        ]
+        model_input = clean_start.repeat(n_part, 1, 1)
+        return engine.run_to_target(data, model_input, receiver.layer, hooks, n_part)
+
+    def _past(self, layer: int, span: LiveSpan, n_variants: int) -> Past | None:
+        """Clean keys and values of ``span``'s prefix at ``layer``, for ``n_variants`` stacked
+        variants; None when the span starts at position 0."""
+        if span.start == 0:
+            return None
+        assert self.fused is not None
+        if layer not in self._clean_kv:
+            self._clean_kv[layer] = self.fused.clean_keys_values(layer, self.cache.resid_pre[layer])
+        return tuple(  # type: ignore[return-value]
+            t[span.rows, : span.start].repeat(n_variants, 1, 1, 1) for t in self._clean_kv[layer]
+        )
 
     def _query_group(self, receiver: Head) -> list[int]:
         """The query heads reading the receiver's key/value head (just the receiver without GQA)."""
@@ -741,9 +887,11 @@ class PathPatcher:
         n_variants: int,
         rows_of: dict[str, list[int]],
         values_of: dict[str, torch.Tensor],
+        span: LiveSpan,
     ) -> torch.Tensor:
-        """Residual after the receiver's layer, [n_variants * N, T, d], with the receiver's
-        q, k or v replaced on the given variant rows.
+        """Residual after the receiver's layer at ``span``'s live positions,
+        [n_variants * n, span.stop - span.start, d], with the receiver's q, k or v replaced on
+        the given variant rows.
 
         Only the heads that read the replaced input are recomputed (the receiver, and under
         GQA the query heads sharing its key/value head); every other head reads the clean
@@ -753,39 +901,46 @@ class PathPatcher:
         from transformer_lens.utilities.activation_functions import apply_softcap
 
         model, cache = self.model, self.cache
-        layer = receiver.layer
-        block = model.blocks[layer]
-        attn = block.attn
-        n, length, d = cache.resid_pre[layer].shape
+        layer, rows, start, stop = receiver.layer, span.rows, span.start, span.stop
+        attn = model.blocks[layer].attn
+        n, width, d = len(rows), stop - start, cache.resid_pre.shape[-1]
         group = self._query_group(receiver)
         clean = self._clean_receiver_inputs(receiver)
-        inputs = {kind: value.repeat(n_variants, 1, 1, 1) for kind, value in clean.items()}
+        # Queries at the live positions; keys and values at every position up to the last one.
+        inputs = {
+            "q": clean["q"][rows, start:stop].repeat(n_variants, 1, 1, 1),
+            **{kind: clean[kind][rows, :stop].repeat(n_variants, 1, 1, 1) for kind in "kv"},
+        }
         slot = {"q": group.index(receiver.head), "k": 0, "v": 0}
-        for kind, rows in rows_of.items():
-            if rows:
-                inputs[kind].view(n_variants, n, length, -1, inputs[kind].shape[-1])[
-                    rows, :, :, slot[kind]
-                ] = values_of[kind].to(inputs[kind].dtype)
-        q, k, v = inputs["q"], inputs["k"], inputs["v"]  # [B, T, G or 1, d_head]
+        for kind, variant_rows in rows_of.items():
+            if variant_rows:
+                values = values_of[kind][:, :, start:] if kind == "q" else values_of[kind]
+                shaped = inputs[kind].view(n_variants, n, *inputs[kind].shape[1:])
+                shaped[variant_rows, :, :, slot[kind]] = values.to(inputs[kind].dtype)
+        q, k, v = inputs["q"], inputs["k"], inputs["v"]  # [B, width or stop, G or 1, d_head]
         if model.cfg.positional_embedding_type == "rotary":
-            q, k = attn.apply_rotary(q, 0), attn.apply_rotary(k, 0)
-        scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) / attn.attn_scale  # [B, G, T, T]
+            q, k = attn.apply_rotary(q, start), attn.apply_rotary(k, 0)
+        scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) / attn.attn_scale  # [B, G, W, stop]
         scores = apply_softcap(scores, model.cfg.attn_scores_soft_cap)
-        future = torch.ones(length, length, dtype=torch.bool, device=scores.device).triu(1)
+        keys = torch.arange(stop, device=scores.device)
+        future = keys[None, :] > start + torch.arange(width, device=scores.device)[:, None]
         pattern = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
         pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
-        z = pattern.to(v.dtype) @ v.transpose(1, 2)  # [B, G, T, d_head]
-        z_clean = cache.z_clean[layer][:, :, group].permute(0, 2, 1, 3).repeat(n_variants, 1, 1, 1)
+        z = pattern.to(v.dtype) @ v.transpose(1, 2)  # [B, G, W, d_head]
+        z_clean = cache.z_clean[layer][rows, start:stop][:, :, group].permute(0, 2, 1, 3)
         w_o = attn.W_O[group]  # [G, d_head, d]
-        change = torch.einsum("bgte,ged->btd", (z - z_clean).to(w_o.dtype), w_o)
+        change = torch.einsum(
+            "bgte,ged->btd", (z - z_clean.repeat(n_variants, 1, 1, 1)).to(w_o.dtype), w_o
+        )
         n_rows, d_head = n_variants * n, z.shape[-1]
         self.engine.extra_flops += (
-            n_rows * length * len(group) * (2 * 2 * length * d_head + 2 * d_head * d)
+            n_rows * width * len(group) * (2 * 2 * stop * d_head + 2 * d_head * d)
         )
         if model.cfg.attn_only or model.cfg.parallel_attn_mlp:
             # The MLP reads the residual before attention (or there is none): unchanged.
-            return cache.resid_pre[layer + 1].repeat(n_variants, 1, 1) + change
-        mid = (cache.resid_pre[layer] + cache.attn_out[layer]).repeat(n_variants, 1, 1) + change
+            return cache.resid_pre[layer + 1][rows, start:stop].repeat(n_variants, 1, 1) + change
+        mid = (cache.resid_pre[layer] + cache.attn_out[layer])[rows, start:stop]
+        mid = mid.repeat(n_variants, 1, 1) + change
         return mid + self._mlp(layer, mid)
 
     @torch.no_grad()
@@ -794,6 +949,7 @@ class PathPatcher:
         resid: torch.Tensor,
         targets: torch.Tensor,
         patches: Sequence[tuple[str, torch.Tensor, int, torch.Tensor]] = (),
+        past: Past | None = None,
     ) -> torch.Tensor:
         """The final residual at each row's target position, running the last layer for the
         target query alone (keys and values still cover every position).
@@ -804,9 +960,12 @@ class PathPatcher:
 
         Args:
             resid: [R, T, d_model] residual stream before the last layer.
-            targets: [R] target position of each row.
+            targets: [R] target position of each row, counted from the first position of
+                ``resid``.
             patches: (kind, rows, index, values [len(rows), T, d_head]) replacing head
                 ``index`` of ``hook_{kind}`` on ``rows`` (a receiver in the last layer).
+            past: clean keys and values of the P positions before ``resid`` (which then
+                covers positions P..P+T-1), as :meth:`FusedBlocks.attention` takes them.
         """
         model = self.model
         block = model.blocks[-1]
@@ -821,27 +980,33 @@ class PathPatcher:
                 q[patch_rows, 0, index] = values[torch.arange(len(patch_rows)), targets[patch_rows]]
             else:
                 (k if kind == "k" else v)[patch_rows, :, index] = values.to(k.dtype)
+        offset = 0 if past is None else int(past[0].shape[1])
         if model.cfg.positional_embedding_type == "rotary":
-            k = attn.apply_rotary(k, 0)
+            k = attn.apply_rotary(k, offset)
             rotary = model.cfg.rotary_dim
-            cos = attn.rotary_cos[targets][:, None, None, :]
-            sin = attn.rotary_sin[targets][:, None, None, :]
+            cos = attn.rotary_cos[targets + offset][:, None, None, :]
+            sin = attn.rotary_sin[targets + offset][:, None, None, :]
             q_rot = q[..., :rotary]
             q = torch.cat([q_rot * cos + attn.rotate_every_two(q_rot) * sin, q[..., rotary:]], -1)
-        scores = attn.calculate_attention_scores(q, k)  # [R, H, 1, T]
-        future = torch.arange(length, device=resid.device)[None, :] > targets[:, None]
+        if past is not None and offset > 0:
+            k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
+        scores = attn.calculate_attention_scores(q, k)  # [R, H, 1, P + T]
+        future = torch.arange(offset + length, device=resid.device)[None, :] > (
+            targets[:, None] + offset
+        )
         scores = scores.masked_fill(future[:, None, None, :], float("-inf"))
         pattern = torch.softmax(scores, dim=-1)
         pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern).to(v.dtype)
         z = attn.calculate_z_scores(v, pattern)  # [R, 1, H, d_head]
         w_o = attn.W_O.reshape(-1, attn.W_O.shape[-1]).T.contiguous()
         out = torch.nn.functional.linear(z.reshape(n_rows, 1, -1).to(w_o.dtype), w_o, attn.b_O)
-        # The counter saw this layer as one token per row; add keys, values and scores of the
-        # other positions.
+        # The counter saw this layer as one token per row; add keys and values of the other
+        # positions computed here and the scores against every key.
         n_kv = k.shape[2]
-        others = n_rows * (length - 1)
-        self.engine.extra_flops += others * 2 * d * model.cfg.d_head * 2 * n_kv
-        self.engine.extra_flops += others * 2 * 2 * model.cfg.n_heads * model.cfg.d_head
+        self.engine.extra_flops += n_rows * (length - 1) * 2 * d * model.cfg.d_head * 2 * n_kv
+        self.engine.extra_flops += (
+            n_rows * (offset + length - 1) * 2 * 2 * model.cfg.n_heads * model.cfg.d_head
+        )
         x = resid[rows, targets][:, None]
         last = model.cfg.n_layers - 1
         if model.cfg.attn_only:

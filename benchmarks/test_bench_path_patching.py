@@ -82,39 +82,48 @@ def exact_lower_bound_flops(model, data, senders, receivers) -> float:
     """FLOPs that any exact evaluation of the workload's scores must spend, whatever the engine.
 
     A score is the metric after the network runs on with one changed input, and the network
-    is not linear, so what lies downstream of the change must be computed for every variant:
+    is not linear, so what lies downstream of the change must be computed for every variant,
+    but only at each prompt's live positions (from its first token that differs between clean
+    and corrupted prompt to its target: before them every activation is the clean one, after
+    them nothing reaches the metric; see ``appbench.patching.LiveSpan``):
     - logits stage: each sender's MLPs from its layer on at the target positions (its frozen
       run) and the unembedding there;
     - receivers: each sender's frozen MLPs from its layer up to the last receiver after it, at
-      every position, once; then per (receiver, input, sender) every full layer after the
-      receiver's, the last layer for the target query (keys and values at every position) and
-      the unembedding at the target.
+      the live positions, once; then per (receiver, input, sender) every full layer after the
+      receiver's at the live positions (attending causally to the positions before them), the
+      last layer's keys and values there and its target query, and the unembedding at the
+      target;
     - and, once, the clean and corrupted runs every score is measured against (all layers,
       logits at the target positions).
     Everything before the change (the clean prefix of the network) is free. The receiver's own
     layer is left out, so the bound is generous.
     """
+    from appbench.patching import live_windows
+
     cfg = model.cfg
     counter = CostCounter(model)
     counter.remove()
     n, length = data.clean.shape
     proj, mlp = counter._proj_per_token, counter._mlp_per_token
     pairs, unembed = counter._attn_per_pair, counter._unembed_per_token
-    layer_all = n * length * (proj + mlp + length * pairs)
+    starts, stops = live_windows(data)
+    live = sum(b - a for a, b in zip(starts, stops, strict=True))
+    causal_pairs = sum(sum(range(a + 1, b + 1)) for a, b in zip(starts, stops, strict=True))
+    layer_live = live * (proj + mlp) + causal_pairs * pairs
     n_kv = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
     kv = 2 * cfg.d_model * cfg.d_head * 2 * n_kv  # keys and values, per token
-    last_layer = n * length * kv + n * (proj - kv + mlp + length * pairs)
+    last_layer = live * kv + n * (proj - kv + mlp) + sum(stops) * pairs
     downstream_end = last_layer + n * unembed
-    total = 2 * (cfg.n_layers * layer_all + n * unembed)
+    total = 2 * (cfg.n_layers * n * length * (proj + mlp + length * pairs) + n * unembed)
     total += sum(n * ((cfg.n_layers - s.layer) * mlp + unembed) for s in senders)
     for s in senders:
         after = [r.layer for r in receivers if r.layer > s.layer]
         if after:
-            total += (max(after) - s.layer) * n * length * mlp
+            total += (max(after) - s.layer) * live * mlp
     for r in receivers:
         variants = 3 * sum(1 for s in senders if s.layer < r.layer)
         full_layers = max(0, cfg.n_layers - 2 - r.layer)
-        total += variants * (full_layers * layer_all + downstream_end)
+        total += variants * (full_layers * layer_live + downstream_end)
     return float(total)
 
 

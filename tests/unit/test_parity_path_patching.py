@@ -1,12 +1,14 @@
 """Parity: the fast PathPatcher reproduces the plain two-passes-per-sender reference exactly
 (to 1e-4 in float32) on models of every supported shape and on the zoo model with IOI."""
 
+import random
+
 import pytest
 import torch
 
 from appbench import Head, build_model, load_model
 from appbench.fused import FusedBlocks, fusable
-from appbench.patching import PatchingEngine, PathPatcher
+from appbench.patching import PatchingEngine, PathPatcher, live_windows
 from appbench.path_patching import (
     path_patching_baseline,
     sender_scores_to_logits,
@@ -14,6 +16,7 @@ from appbench.path_patching import (
 )
 from appbench.plugins import get_registries
 from appbench.runner import CostCounter
+from appbench.tasks import PromptPair, TaskSpec
 from appbench.testing import ToyTask, toy_tokenizer
 
 TOLERANCE = 1e-4
@@ -36,6 +39,28 @@ SHAPES = {
         "parallel_attn_mlp": True,
     },
 }
+
+
+class RaggedToyTask(ToyTask):
+    """The toy task with prompts of 2 to 8 words and the signal (A, corrupted B) anywhere, the
+    last word included: every prompt has its own live window (first difference .. target)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spec = TaskSpec(**(self.spec.model_dump() | {"name": "ragged-toy", "n_search": 24}))
+
+    def generate(self, tokenizer, n, seed):
+        rng, pairs, seen = random.Random(seed), [], set()
+        while len(pairs) < n:
+            words = [rng.choice("xyz") for _ in range(rng.randint(2, 8))]
+            signal = rng.randrange(len(words))
+            clean = " ".join([*words[:signal], "A", *words[signal + 1 :]])
+            if clean not in seen:
+                seen.add(clean)
+                corrupt = clean.split(" ")
+                corrupt[signal] = "B"
+                pairs.append(PromptPair(clean, " ".join(corrupt), (" yes",), (" no",), "toy"))
+        return pairs
 
 
 def random_model(extra):
@@ -87,6 +112,21 @@ def test_parity_on_every_model_shape(shape):
     assert_parity(model, task, data, [Head(1, 2), Head(2, 3)])
 
 
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_parity_on_prompts_with_their_own_live_windows(shape):
+    """Patched runs computed only at each prompt's live positions (its first difference to its
+    target, attending to the clean prefix) score exactly as whole runs do."""
+    model = random_model(SHAPES[shape])
+    task = RaggedToyTask()
+    data, _ = task.splits(model.tokenizer)
+    starts, stops = live_windows(data)
+    assert len(set(zip(starts, stops, strict=True))) > 8  # more windows than spans: merged
+    assert min(starts) == 0 < max(starts) and len(set(stops)) > 3
+    patcher = PathPatcher(PatchingEngine(model, task), data)
+    assert len(patcher.spans) == 8 and any(span.start > 0 for span in patcher.spans)
+    assert_parity(model, task, data, [Head(1, 2), Head(2, 3)])
+
+
 @pytest.mark.parametrize(
     ("extra", "reason"),
     [
@@ -127,6 +167,19 @@ def test_parity_fused_blocks_match_transformer_lens(shape):
         model(start, start_at_layer=0, stop_at_layer=layer + 1)
     assert fused_total == counter.tally.flops
     counter.remove()
+    # A window of later positions attending to the keys and values of the earlier ones.
+    prefix = 2
+    with torch.no_grad():
+        got = fused.run(
+            start[:, prefix:],
+            0,
+            model.cfg.n_layers,
+            lambda layer: fused.clean_keys_values(
+                layer, cache[f"blocks.{layer}.hook_resid_pre"][:, :prefix]
+            ),
+        )
+    expected = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][:, prefix:]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", ["mlp-layernorm", "gqa-rotary-rmsnorm-gated"])

@@ -89,3 +89,45 @@ def test_chunks_respect_the_row_budget():
     assert [list(c) for c in engine.chunks(5, 12)] == [[0, 1], [2, 3], [4]]
     rep = Replacement(torch.ones(1, 2, dtype=torch.bool), torch.zeros(12, 4, 2, 4))
     assert rep.mask.shape == (1, 2)
+
+
+def test_live_windows_and_their_merging_into_spans():
+    """Live positions run from the first clean/corrupted difference (at or before the target)
+    to the target; spans merge the windows whose union adds the fewest positions."""
+    from dataclasses import replace
+
+    from appbench.patching import live_spans, live_windows
+
+    data = toy_context().search.select(range(5))
+    clean = torch.tensor(
+        [
+            [1, 2, 3, 4, 5, 6],  # differs at 2, target 5
+            [1, 2, 3, 4, 5, 6],  # differs at 2, target 5
+            [1, 2, 3, 4, 0, 0],  # differs at 1, target 3
+            [1, 2, 3, 4, 5, 0],  # differs only after its target 2: window is the target alone
+            [1, 2, 3, 4, 5, 6],  # differs at 0, target 5
+        ]
+    )
+    corrupt = clean.clone()
+    corrupt[0, 2] = corrupt[1, 2] = corrupt[1, 4] = corrupt[2, 1] = corrupt[3, 3] = 9
+    corrupt[4, 0] = 9
+    data = replace(data, clean=clean, corrupt=corrupt, target_pos=torch.tensor([5, 5, 3, 2, 5]))
+    assert live_windows(data) == ([2, 2, 1, 2, 0], [6, 6, 4, 3, 6])
+    windows = {(s.start, s.stop): s.rows.tolist() for s in live_spans(data)}
+    assert windows == {(2, 6): [0, 1], (1, 4): [2], (2, 3): [3], (0, 6): [4]}
+    # Three spans: merging (1, 4) with (2, 3) costs 2 extra positions, the least (with
+    # (0, 6) it would cost 3, (2, 6) with (2, 3) 3).
+    merged = live_spans(data, max_spans=3)
+    assert {(s.start, s.stop): s.rows.tolist() for s in merged} == {
+        (2, 6): [0, 1],
+        (1, 4): [2, 3],
+        (0, 6): [4],
+    }
+    assert [len(s.data) for s in merged] == [len(s.rows) for s in merged]
+    assert sorted(r for s in live_spans(data, max_spans=1) for r in s.rows.tolist()) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
