@@ -185,17 +185,49 @@ class PatchingEngine:
         at_target = final[rows, data.target_pos.to(final.device).repeat(n_variants)]
         return self.unembed_residual(at_target).view(n_variants, len(data), -1)
 
-    def unembed_residual(self, resid: torch.Tensor) -> torch.Tensor:
-        """Logits from final residual vectors [R, d_model] -> [R, V] (final norm, softcap)."""
+    def unembed_residual(
+        self, resid: torch.Tensor, columns: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits from final residual vectors [R, d_model] -> [R, V] (final norm, softcap), or
+        only the vocabulary ``columns`` given: [R, C]."""
         model = self.model
         x = resid[:, None, :]
         if model.cfg.normalization_type is not None:
             x = model.ln_final(x)
-        logits = model.unembed(x)[:, 0, :]
+        if columns is None:
+            logits = model.unembed(x)[:, 0, :]
+        else:
+            unembed = model.unembed
+            logits = torch.addmm(unembed.b_U[columns], x[:, 0, :], unembed.W_U[:, columns])
+            self.extra_flops += 2 * logits.numel() * x.shape[-1]
         softcap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
         if softcap > 0:
             logits = softcap * torch.tanh(logits / softcap)
         return logits
+
+    def target_metric(self, data: TaskData, final: torch.Tensor) -> torch.Tensor:
+        """Task metric per variant and prompt from the final residual at each prompt's target
+        position, [K, N, d_model] -> [K, N].
+
+        Only the logits the metric reads are computed (:meth:`Task.metric_columns`): for a
+        logit difference that is a handful of the vocabulary's columns.
+        """
+        k, d = final.shape[0], final.shape[-1]
+        columns = self.task.metric_columns(data)
+        if columns is None:
+            return self.metric(
+                data, self.unembed_residual(final.reshape(-1, d)).view(k, len(data), -1)
+            )
+        columns = columns.to(final.device)
+
+        def renumbered(ids: torch.Tensor) -> torch.Tensor:
+            return torch.where(ids >= 0, torch.searchsorted(columns, ids.clamp(min=0)), ids)
+
+        from dataclasses import replace
+
+        compact = replace(data, answers=renumbered(data.answers), wrong=renumbered(data.wrong))
+        logits = self.unembed_residual(final.reshape(-1, d), columns)
+        return self.metric(compact, logits.view(k, len(data), -1))
 
     def metric(self, data: TaskData, logits: torch.Tensor) -> torch.Tensor:
         """Task metric per variant and prompt: [K, N, V] -> [K, N]."""
@@ -731,8 +763,7 @@ class PathPatcher:
                 else:
                     full = self._frozen_by_hooks(part, engine.n_layers)
                     final = full[:, rows, data.target_pos]
-                logits = engine.unembed_residual(final.reshape(-1, final.shape[-1]))
-                values = engine.metric(data, logits.view(len(part), len(data), -1)).mean(dim=1)
+                values = engine.target_metric(data, final).mean(dim=1)
                 results.update(zip(part, self._scores(values), strict=True))
         return results
 
@@ -787,14 +818,14 @@ class PathPatcher:
                     for kind, rows in rows_of.items()
                     if rows
                 }
-                logits = self._patched_target_logits(receiver, span, len(part), rows_of, values_of)
-                totals[chunk.start : chunk.stop] += engine.metric(span.data, logits).sum(dim=1)
+                metric = self._patched_metric(receiver, span, len(part), rows_of, values_of)
+                totals[chunk.start : chunk.stop] += metric.sum(dim=1)
         means = (totals / len(data)).float()
         for (kind, s, _), score in zip(variants, self._scores(means), strict=True):
             results[kind][s] = score
         return results
 
-    def _patched_target_logits(
+    def _patched_metric(
         self,
         receiver: Head,
         span: LiveSpan,
@@ -802,8 +833,7 @@ class PathPatcher:
         rows_of: dict[str, list[int]],
         values_of: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        """Logits at the target positions of ``span``'s prompts, [n_part, n, V], for ``n_part``
-        variants of the clean run in which the receiver's inputs take ``values_of`` (per input
+        """Metric of ``span``'s prompts, [n_part, n], for ``n_part`` variants of the clean run in which the receiver's inputs take ``values_of`` (per input
         kind, [rows, n, span.stop, d_head]) on the variants ``rows_of``."""
         engine, data = self.engine, span.data
         clean_start = self.cache.resid_pre[receiver.layer][span.rows, : span.stop]
@@ -822,7 +852,7 @@ class PathPatcher:
                 if rows
             ]
             final = self.last_layer_at_target(clean_start.repeat(n_part, 1, 1), targets, patches)
-            return engine.unembed_residual(final).view(n_part, len(data), -1)
+            return engine.target_metric(data, final.view(n_part, len(data), -1))
         if self.target_only_last_layer:
             x = self._after_receiver_layer(receiver, n_part, rows_of, values_of, span)
             if self.fused is not None:
@@ -832,7 +862,7 @@ class PathPatcher:
             elif receiver.layer + 1 < last:
                 x = self.model(x, start_at_layer=receiver.layer + 1, stop_at_layer=last)
             final = self.last_layer_at_target(x, targets, past=self._past(last, span, n_part))
-            return engine.unembed_residual(final).view(n_part, len(data), -1)
+            return engine.target_metric(data, final.view(n_part, len(data), -1))
         hooks = [
             (
                 f"blocks.{receiver.layer}.attn.hook_{kind}",
@@ -842,7 +872,9 @@ class PathPatcher:
             if rows
         ]
         model_input = clean_start.repeat(n_part, 1, 1)
-        return engine.run_to_target(data, model_input, receiver.layer, hooks, n_part)
+        return engine.metric(
+            data, engine.run_to_target(data, model_input, receiver.layer, hooks, n_part)
+        )
 
     def _past(self, layer: int, span: LiveSpan, n_variants: int) -> Past | None:
         """Clean keys and values of ``span``'s prefix at ``layer``, for ``n_variants`` stacked

