@@ -413,17 +413,22 @@ def live_windows(data: TaskData) -> tuple[list[int], list[int]]:
     return torch.minimum(first, data.target_pos).tolist(), (data.target_pos + 1).tolist()
 
 
+def _rows_by(keys: Sequence[Any]) -> dict[Any, list[int]]:
+    """Row indices grouped by their key, keys in sorted order."""
+    grouped: dict[Any, list[int]] = {}
+    for row, key in enumerate(keys):
+        grouped.setdefault(key, []).append(row)
+    return dict(sorted(grouped.items()))
+
+
 def live_spans(data: TaskData, max_spans: int = 8) -> list[LiveSpan]:
     """The split's prompts grouped into at most ``max_spans`` :class:`LiveSpan` s.
 
     Prompts with the same live window (:func:`live_windows`) form a span; while there are too many, the two spans whose union adds the
     fewest positions (prompts x window width) are merged.
     """
-    starts, stops = live_windows(data)
-    windows: dict[tuple[int, int], list[int]] = {}
-    for row, window in enumerate(zip(starts, stops, strict=True)):
-        windows.setdefault(window, []).append(row)
-    groups = [(start, stop, rows) for (start, stop), rows in sorted(windows.items())]
+    windows = _rows_by(list(zip(*live_windows(data), strict=True)))
+    groups = [(start, stop, rows) for (start, stop), rows in windows.items()]
 
     def cost(start: int, stop: int, n: int) -> int:
         return n * (stop - start)
@@ -505,6 +510,12 @@ class PathPatcher:
             ]
         ).to(data.clean.device)
         self.whole = LiveSpan(data, torch.arange(len(data)), 0, int(data.clean.shape[1]))
+        #: The prompts grouped by target position, each span the target alone (receivers in
+        #: the last layer, whose change reaches the logits through the target query only).
+        self.target_spans = [
+            LiveSpan(data.select(rows), torch.tensor(rows), target, target + 1)
+            for target, rows in _rows_by(data.target_pos.tolist()).items()
+        ]
         cfg = self.model.cfg
         self.closed_form = not (
             getattr(cfg, "use_normalization_before_and_after", False)
@@ -805,9 +816,12 @@ class PathPatcher:
         variants = [(kind, s, i) for kind in inputs for i, s in enumerate(senders)]
         per_variant = {kind: self.receiver_input(patched, receiver, kind) for kind in inputs}
         last = engine.n_layers - 1
-        # Windows of live positions need attention over a clean prefix: the fused blocks.
-        windowed = self.fused is not None and receiver.layer < last
-        spans = self.spans if windowed else [self.whole]
+        if self.target_only_last_layer and receiver.layer == last:
+            spans = self.target_spans  # only the target query reaches the logits
+        elif self.fused is not None:
+            spans = self.spans  # windows attend to a clean prefix: the fused blocks do that
+        else:
+            spans = [self.whole]
         totals = torch.zeros(len(variants), dtype=torch.float64)
         for span in spans:
             for chunk in engine.chunks(len(variants), len(span.data)):
@@ -833,36 +847,25 @@ class PathPatcher:
         rows_of: dict[str, list[int]],
         values_of: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        """Metric of ``span``'s prompts, [n_part, n], for ``n_part`` variants of the clean run in which the receiver's inputs take ``values_of`` (per input
-        kind, [rows, n, span.stop, d_head]) on the variants ``rows_of``."""
+        """Metric of ``span``'s prompts, [n_part, n], for ``n_part`` variants of the clean run
+        in which the receiver's inputs take ``values_of`` (per input kind,
+        [rows, n, span.stop, d_head]) on the variants ``rows_of``."""
         engine, data = self.engine, span.data
-        clean_start = self.cache.resid_pre[receiver.layer][span.rows, : span.stop]
         last = engine.n_layers - 1
-        targets = (data.target_pos.to(clean_start.device) - span.start).repeat(n_part)
-        if self.target_only_last_layer and receiver.layer == last:
-            patches = [
-                (
-                    kind,
-                    torch.tensor(rows).repeat_interleave(len(data)) * len(data)
-                    + torch.arange(len(data)).repeat(len(rows)),
-                    self.input_head_index(receiver, kind),
-                    values_of[kind].reshape(-1, *values_of[kind].shape[2:]),
-                )
-                for kind, rows in rows_of.items()
-                if rows
-            ]
-            final = self.last_layer_at_target(clean_start.repeat(n_part, 1, 1), targets, patches)
-            return engine.target_metric(data, final.view(n_part, len(data), -1))
         if self.target_only_last_layer:
             x = self._after_receiver_layer(receiver, n_part, rows_of, values_of, span)
+            if receiver.layer == last:  # a target span: x is the final residual at the target
+                return engine.target_metric(data, x.view(n_part, len(data), -1))
             if self.fused is not None:
                 x = self.fused.run(
                     x, receiver.layer + 1, last, lambda layer: self._past(layer, span, n_part)
                 )
             elif receiver.layer + 1 < last:
                 x = self.model(x, start_at_layer=receiver.layer + 1, stop_at_layer=last)
+            targets = (data.target_pos.to(x.device) - span.start).repeat(n_part)
             final = self.last_layer_at_target(x, targets, past=self._past(last, span, n_part))
             return engine.target_metric(data, final.view(n_part, len(data), -1))
+        clean_start = self.cache.resid_pre[receiver.layer][span.rows, : span.stop]
         hooks = [
             (
                 f"blocks.{receiver.layer}.attn.hook_{kind}",
@@ -980,7 +983,6 @@ class PathPatcher:
         self,
         resid: torch.Tensor,
         targets: torch.Tensor,
-        patches: Sequence[tuple[str, torch.Tensor, int, torch.Tensor]] = (),
         past: Past | None = None,
     ) -> torch.Tensor:
         """The final residual at each row's target position, running the last layer for the
@@ -994,8 +996,6 @@ class PathPatcher:
             resid: [R, T, d_model] residual stream before the last layer.
             targets: [R] target position of each row, counted from the first position of
                 ``resid``.
-            patches: (kind, rows, index, values [len(rows), T, d_head]) replacing head
-                ``index`` of ``hook_{kind}`` on ``rows`` (a receiver in the last layer).
             past: clean keys and values of the P positions before ``resid`` (which then
                 covers positions P..P+T-1), as :meth:`FusedBlocks.attention` takes them.
         """
@@ -1007,11 +1007,6 @@ class PathPatcher:
         normed = self.fused.norm(block.ln1, resid) if self.fused else block.ln1(resid)
         normed_target = normed[rows, targets][:, None]
         q, k, v = attn.calculate_qkv_matrices(normed_target, normed, normed)
-        for kind, patch_rows, index, values in patches:
-            if kind == "q":
-                q[patch_rows, 0, index] = values[torch.arange(len(patch_rows)), targets[patch_rows]]
-            else:
-                (k if kind == "k" else v)[patch_rows, :, index] = values.to(k.dtype)
         offset = 0 if past is None else int(past[0].shape[1])
         if model.cfg.positional_embedding_type == "rotary":
             k = attn.apply_rotary(k, offset)
