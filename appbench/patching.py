@@ -468,18 +468,27 @@ class PathPatcher:
     - from s's layer on, every attention layer's output is frozen: it equals the clean
       ``hook_attn_out`` plus, at s's layer, s's own change ``(z_corrupt - z_clean) W_O``. Only
       the MLPs are recomputed, and with attention frozen no position sees any other, so the
-      logits stage runs MLPs at the target positions only;
+      logits stage runs MLPs at the target positions only, and the receivers' frozen runs at
+      the live positions only (see below);
     - the frozen residual at a receiver's layer depends on the sender alone, so it is
       computed once per (sender, layer) and reused for every receiver head and for q, k and v;
     - the second pass (clean run, the receiver's q, k or v input replaced) starts from the
-      cached clean residual at the receiver's layer, stacks all senders and all three inputs
-      along the batch, and reads logits at the target positions only. In the receiver's
-      layer only the heads reading the replaced input are recomputed (the others' outputs are
-      the cached clean ones), and the last layer runs the target query alone;
+      cached clean residual at the receiver's layer and stacks all senders and all three
+      inputs along the batch. In the receiver's layer only the heads reading the replaced
+      input are recomputed (the others' outputs are the cached clean ones); the last layer
+      runs the target query alone (and a receiver in the last layer is computed at the target
+      alone);
+    - every patched run is computed only at each prompt's *live* positions
+      (:class:`LiveSpan`): before its first token that differs between clean and corrupted
+      prompt, every activation is the clean one (the model is causal), and after its target
+      nothing reaches the metric. Those windows attend to the clean keys and values of the
+      positions before them;
+    - only the logits the metric reads are computed (:meth:`PatchingEngine.target_metric`);
     - plain blocks are rerun with fused kernels (:mod:`appbench.fused`).
 
-    What remains is what any exact method must compute: every layer after the receiver's, for
-    every (sender, input) variant, because the network is not linear in the change.
+    What remains is what any exact method must compute: every layer after the receiver's at
+    the live positions, for every (sender, input) variant, because the network is not linear
+    in the change (``benchmarks/`` computes that bound and compares).
 
     Architectures where that closed form does not hold (norms after W_O, split q/k/v inputs)
     run the frozen passes through TransformerLens hooks instead; the scores are the same.

@@ -46,8 +46,9 @@ magnitude) over all the measurements it was a sender in.
 the same scores (to float32 rounding; parity tests hold it to 1e-4 and identical circuits)
 from cached clean and corrupted activations at a fraction of the cost: frozen sender passes
 recompute only MLPs and are shared by every receiver and input, second passes start at the
-receiver's layer with all senders and inputs batched, and logits are read at the target
-positions only. ``engine=reference`` runs ``appbench.sender_scores_to_logits`` /
+receiver's layer with all senders and inputs batched, every patched run is computed only at
+the positions between a prompt's first clean/corrupted difference and its target, and only the
+logits the metric reads are computed, at the target positions. ``engine=reference`` runs ``appbench.sender_scores_to_logits`` /
 ``sender_scores_to_receiver``, the plain implementation with one or two whole forward passes
 per sender, as the authors do. ``details.reference_forward_passes`` counts the passes the
 reference makes for this search whichever engine ran; the runner measures what actually ran.
