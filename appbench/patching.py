@@ -16,7 +16,7 @@ Per-head outputs are never materialised with ``use_attn_result``; only ``hook_z`
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -223,8 +223,6 @@ class PatchingEngine:
         def renumbered(ids: torch.Tensor) -> torch.Tensor:
             return torch.where(ids >= 0, torch.searchsorted(columns, ids.clamp(min=0)), ids)
 
-        from dataclasses import replace
-
         compact = replace(data, answers=renumbered(data.answers), wrong=renumbered(data.wrong))
         logits = self.unembed_residual(final.reshape(-1, d), columns)
         return self.metric(compact, logits.view(k, len(data), -1))
@@ -324,8 +322,6 @@ class PatchingEngine:
 
 
 def _with_clean(data: TaskData, tokens: torch.Tensor) -> TaskData:
-    from dataclasses import replace
-
     return replace(data, clean=tokens)
 
 
@@ -333,8 +329,6 @@ def _repeat_data(data: TaskData, k: int) -> TaskData:
     """The split repeated k times along the batch (only the fields the metric reads)."""
     if k == 1:
         return data
-    from dataclasses import replace
-
     return replace(
         data,
         answers=data.answers.repeat(k, 1),
@@ -424,8 +418,9 @@ def _rows_by(keys: Sequence[Any]) -> dict[Any, list[int]]:
 def live_spans(data: TaskData, max_spans: int = 8) -> list[LiveSpan]:
     """The split's prompts grouped into at most ``max_spans`` :class:`LiveSpan` s.
 
-    Prompts with the same live window (:func:`live_windows`) form a span; while there are too many, the two spans whose union adds the
-    fewest positions (prompts x window width) are merged.
+    Prompts with the same live window (:func:`live_windows`) form a span; while there are
+    too many, the two spans whose union adds the fewest positions (prompts x window width)
+    are merged.
     """
     windows = _rows_by(list(zip(*live_windows(data), strict=True)))
     groups = [(start, stop, rows) for (start, stop), rows in windows.items()]
