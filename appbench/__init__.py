@@ -26,6 +26,7 @@ from appbench.models import (
 from appbench.path_patching import (
     PathPatchingBaseline,
     input_head_index,
+    metric_gap,
     path_patching_baseline,
     sender_scores_to_logits,
     sender_scores_to_receiver,
@@ -99,6 +100,7 @@ __all__ = [
     "load_model_folder",
     "load_tokenizer",
     "mean_of_ids",
+    "metric_gap",
     "path_patching_baseline",
     "save_model_folder",
     "sender_scores_to_logits",

@@ -30,6 +30,7 @@ from appbench.fused import (
     input_weights,
     plain_attention,
 )
+from appbench.path_patching import metric_gap
 
 if TYPE_CHECKING:
     from appbench.tasks import Task, TaskData
@@ -581,13 +582,7 @@ class PathPatcher:
             m_clean=mean_metric(clean[final_name]),
             m_corrupt=mean_metric(corrupt[final_name]),
         )
-        if abs(cache.gap) < 1e-6:
-            from appbench.runner import RunError
-
-            raise RunError(
-                f"clean and corrupted metrics coincide ({cache.m_clean:.4g}): path-patching "
-                "scores are undefined because the model does not do the task"
-            )
+        metric_gap(cache.m_clean, cache.m_corrupt)  # raises when every score would be noise
         return cache
 
     def sender_delta(

@@ -117,6 +117,31 @@ def path_patching_baseline(model: Any, task: Task, data: TaskData) -> PathPatchi
     )
 
 
+#: The smallest usable gap between the clean and corrupted mean metrics, relative to their
+#: size: below it, float32 rounding of the metric (about 1e-7 relative) is a visible part of
+#: every normalised score.
+MIN_RELATIVE_GAP = 1e-4
+
+
+def metric_gap(m_clean: float, m_corrupt: float) -> float:
+    """``m_clean - m_corrupt``, the denominator of every normalised score.
+
+    Raises RunError when the model barely tells clean from corrupted prompts (the gap is
+    below :data:`MIN_RELATIVE_GAP` of the metrics' size): every score would be noise.
+    """
+    from appbench.runner import RunError
+
+    gap = m_clean - m_corrupt
+    if abs(gap) < MIN_RELATIVE_GAP * max(1.0, abs(m_clean), abs(m_corrupt)):
+        raise RunError(
+            f"clean and corrupted metrics coincide to {MIN_RELATIVE_GAP:g} of their size "
+            f"({m_clean:.6g} vs {m_corrupt:.6g}): "
+            "the model does not tell the prompts apart, so every patching score would be "
+            "float rounding noise"
+        )
+    return gap
+
+
 def normalised_score(m_patched: float, m_clean: float, m_corrupt: float) -> float:
     """(m_patched - m_clean) / (m_clean - m_corrupt); raises ValueError when the gap is 0."""
     gap = m_clean - m_corrupt

@@ -16,7 +16,7 @@ residual stream at that layer.
 
 from pydantic import Field
 
-from appbench import Circuit, Discoverer, Params, RunError, hookimpl
+from appbench import Circuit, Discoverer, Params, hookimpl, metric_gap
 
 
 class ActPatchParams(Params):
@@ -40,11 +40,7 @@ class ActPatch(Discoverer):
         engine, data = ctx.engine, ctx.search
         m_clean = engine.clean_metric(data).mean().item()
         m_corrupt = engine.corrupt_metric(data).mean().item()
-        gap = m_clean - m_corrupt
-        if abs(gap) < 1e-6:
-            raise RunError(
-                f"clean and corrupted metrics coincide ({m_clean:.4g}); the model does not do the task"
-            )
+        gap = metric_gap(m_clean, m_corrupt)  # raises when every effect would be noise
         z_corrupt = engine.cache_z(data.corrupt)
         resid_pre = engine.cache_resid_pre(data.clean)
         patched = engine.patch_heads(data, space.sorted_heads(), z_corrupt, resid_pre)

@@ -68,9 +68,9 @@ from appbench import (
     Edge,
     Head,
     Params,
-    RunError,
     hookimpl,
     input_head_index,
+    metric_gap,
     path_patching_baseline,
     sender_scores_to_logits,
     sender_scores_to_receiver,
@@ -319,11 +319,7 @@ class _ReferenceScorer:
     def __init__(self, ctx):
         self.model, self.task, self.data = ctx.model, ctx.task, ctx.search
         baseline = path_patching_baseline(self.model, self.task, self.data)
-        if abs(baseline.gap) < 1e-6:
-            raise RunError(
-                f"clean and corrupted metrics coincide ({baseline.m_clean:.4g}); "
-                "the model does not do the task"
-            )
+        metric_gap(baseline.m_clean, baseline.m_corrupt)  # raises when scores would be noise
         self.caches = (baseline.z_clean, baseline.z_corrupt)
         self.m_clean, self.m_corrupt = baseline.m_clean, baseline.m_corrupt
 

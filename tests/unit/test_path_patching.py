@@ -297,6 +297,19 @@ def test_normalised_score():
         normalised_score(1.0, 1.0, 1.0)
 
 
+def test_a_gap_within_float_rounding_of_the_metric_is_refused():
+    """A probability difference of 1.0 on clean and 0.99999 on corrupted prompts: scores would
+    be multiples of float32's step at 1.0 divided by 1e-5, i.e. noise."""
+    from appbench import RunError, metric_gap
+
+    assert metric_gap(2.0, -2.0) == 4.0
+    assert metric_gap(1.0, 0.99) == pytest.approx(0.01)
+    assert metric_gap(-3.0, -1.0) == -2.0  # an inverted gap is still a gap
+    for m_clean, m_corrupt in [(1.0, 0.99999), (9000.0, 8999.5), (0.0, 1e-5)]:
+        with pytest.raises(RunError, match="metrics coincide"):
+            metric_gap(m_clean, m_corrupt)
+
+
 @pytest.mark.parametrize("name", ["chain", "gqa"])
 def test_the_fast_path_patcher_matches_the_reference_on_planted_models(tables, name):
     from appbench.patching import PathPatcher
