@@ -832,7 +832,7 @@ class PathPatcher:
                     if rows
                 }
                 metric = self._patched_metric(receiver, span, len(part), rows_of, values_of)
-                totals[chunk.start : chunk.stop] += metric.sum(dim=1)
+                totals[chunk.start : chunk.stop] += metric.sum(dim=1).double().cpu()
         means = (totals / len(data)).float()
         for (kind, s, _), score in zip(variants, self._scores(means), strict=True):
             results[kind][s] = score
