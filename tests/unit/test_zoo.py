@@ -22,6 +22,11 @@ def test_zoo_models_solve_every_task_they_were_trained_on(zoo):
         assert report["accuracy"] >= 0.95, (name, task_name, report)
         # The baseline metric has the sign the task expects: clean prompts favour the answer.
         assert report["mean_metric"] > 0, (name, task_name, report)
+        # ... and the corruption takes a good part of it away: the model reads what the
+        # corruption changes (else every patching score is rounding noise). greater_than
+        # loses the least (a quarter): its corrupted start years never occur in training.
+        gap = report["mean_metric"] - report["mean_metric_corrupted"]
+        assert gap > 0.2 * report["mean_metric"], (name, task_name, report)
 
 
 def test_zoo_model_shapes(zoo):
