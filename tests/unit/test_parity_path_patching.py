@@ -199,6 +199,37 @@ def test_parity_on_the_zoo_model_with_ioi():
     assert_parity(model, task, data, [Head(3, 0)])
 
 
+TASKS = ("ioi", "greater_than", "induction", "gendered_pronouns", "docstring")
+
+
+@pytest.mark.parametrize("task_name", TASKS)
+def test_parity_on_the_default_model_for_every_task(task_name):
+    """Every task's prompts (their own live windows and metrics: logit differences read from a
+    few columns, greater_than's softmax over the vocabulary) on the trained multitask model:
+    the scores of every sender into the logits and into a receiver in each later layer, and the
+    whole discoverer's circuit, equal the reference's."""
+    from appbench import RunContext, SearchSpace
+    from appbench_plugins.pathpatch import PathPatch
+
+    model = load_model("zoo-multitask")
+    task = get_registries().tasks.get(task_name)
+    search, evaluation = task.splits(model.tokenizer, n_search=16, n_eval=4)
+    receivers = [Head(layer, (3 * layer) % model.cfg.n_heads) for layer in range(1, 4)]
+    assert_parity(model, task, search, receivers)
+    ctx = RunContext(
+        model, "zoo-multitask", task, search, evaluation, "cpu", 0, PatchingEngine(model, task)
+    )
+    space = SearchSpace.dense(model.cfg.n_layers, model.cfg.n_heads)
+    # Low thresholds, so that the search selects several heads (and, on four of the five
+    # tasks, goes on from the logits stage to receivers in later layers).
+    params = {"importance_threshold": 1.0, "resid_importance_threshold": 0.0, "k": 0.0}
+    fast = PathPatch().discover(ctx, space, PathPatch.Params(engine="fast", **params))
+    slow = PathPatch().discover(ctx, space, PathPatch.Params(engine="reference", **params))
+    assert len(fast.heads) >= 4
+    assert fast.heads == slow.heads and fast.edges == slow.edges
+    assert max(abs(fast.scores[h] - slow.scores[h]) for h in slow.scores) < TOLERANCE
+
+
 def test_parity_pathpatch_finds_the_same_circuit_with_both_engines():
     """The whole discoverer on a trained model: identical heads, edges and scores."""
     from appbench import RunContext, SearchSpace
