@@ -223,3 +223,28 @@ def test_bench_smollm2(benchmark):
     task = get_registries().tasks.get("ioi")
     data, _ = task.splits(model.tokenizer, n_search=50, n_eval=10)
     compare(benchmark, model, task, data, "smollm2-135m")
+
+
+def test_bound_of_a_whole_dense_ioi_search_on_gpt2_small(gpt2_tok):
+    """Analytic, nothing timed: the FLOPs ratio any exact engine can reach on a whole dense
+    IOI search of GPT-2 small, taking the APP authors' circuit (the shipped reference) as the
+    receivers the search visits and every head as a sender."""
+    model = build_model(GPT2_SMALL, gpt2_tok)
+    task = get_registries().tasks.get("ioi")
+    data, _ = task.splits(model.tokenizer, n_search=50, n_eval=10)
+    name, reference = task.reference("gpt2")
+    receivers = [h for h in reference.circuit().heads if h.layer > 0]
+    senders = [Head(layer, h) for layer in range(12) for h in range(12)]
+    counter = CostCounter(model)
+    with torch.no_grad():
+        model(data.clean)  # one whole pass, as the reference makes them
+    counter.remove()
+    passes = len(senders) + 2 + sum(3 * 2 * 12 * r.layer for r in receivers)
+    reference_flops = passes * counter.tally.flops
+    bound = exact_lower_bound_flops(model, task, data, senders, receivers)
+    print(
+        f"\nwhole dense IOI search, GPT-2 small, receivers = {name} ({len(receivers)} heads "
+        f"after layer 0): reference {passes} passes, {reference_flops / 1e12:.0f} TFLOP; "
+        f"exact bound {bound / 1e12:.0f} TFLOP; bound on the FLOPs ratio {reference_flops / bound:.1f}x"
+    )
+    assert reference_flops / bound < 20
