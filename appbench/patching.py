@@ -514,7 +514,7 @@ class PathPatcher:
                 for row, (a, b) in enumerate(zip(starts, stops, strict=True))
             ]
         ).to(data.clean.device)
-        self.whole = LiveSpan(data, torch.arange(len(data)), 0, int(data.clean.shape[1]))
+        self.whole = LiveSpan(data, torch.arange(len(data)), 0, length)
         #: The prompts grouped by target position, each span the target alone (receivers in
         #: the last layer, whose change reaches the logits through the target query only).
         self.target_spans = [
