@@ -144,17 +144,24 @@ class FusedBlocks:
     def clean_keys_values(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated where rotary) and values of the residual ``x`` [B, T, d] at ``layer``:
         two [B, T, H_kv, d_head] tensors, as :meth:`attention` uses them."""
-        from transformer_lens.utilities.attention import simple_attn_linear
-
-        attn = self.model.blocks[layer].attn
         normed = self.norm(self.model.blocks[layer].ln1, x)
-        k = simple_attn_linear(normed, *input_weights(attn, self.cfg, "k"))
-        v = simple_attn_linear(normed, *input_weights(attn, self.cfg, "v"))
-        if self.cfg.positional_embedding_type == "rotary":
-            k = attn.apply_rotary(k, 0)
+        k, v = self._keys_values(layer, normed, offset=0)
         self.count_flops(
             float(normed.shape[:-1].numel() * 2 * 2 * x.shape[-1] * k.shape[-1] * k.shape[-2])
         )
+        return k, v
+
+    def _keys_values(
+        self, layer: int, normed: torch.Tensor, offset: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotated for positions from ``offset`` on) and values of normed residuals."""
+        from transformer_lens.utilities.attention import simple_attn_linear
+
+        attn = self.model.blocks[layer].attn
+        k = simple_attn_linear(normed, *input_weights(attn, self.cfg, "k"))  # [B, T, H_kv, d_head]
+        v = simple_attn_linear(normed, *input_weights(attn, self.cfg, "v"))
+        if self.cfg.positional_embedding_type == "rotary":
+            k = attn.apply_rotary(k, offset)
         return k, v
 
     def attention(self, layer: int, x: torch.Tensor, past: Past | None = None) -> torch.Tensor:
@@ -168,12 +175,11 @@ class FusedBlocks:
 
         attn = self.model.blocks[layer].attn
         normed = self.norm(self.model.blocks[layer].ln1, x)
-        q = simple_attn_linear(normed, *input_weights(attn, self.cfg, "q"))  # [B, T, H, d_head]
-        k = simple_attn_linear(normed, *input_weights(attn, self.cfg, "k"))  # [B, T, H_kv, d_head]
-        v = simple_attn_linear(normed, *input_weights(attn, self.cfg, "v"))
         offset = 0 if past is None else int(past[0].shape[1])
+        q = simple_attn_linear(normed, *input_weights(attn, self.cfg, "q"))  # [B, T, H, d_head]
+        k, v = self._keys_values(layer, normed, offset)
         if self.cfg.positional_embedding_type == "rotary":
-            q, k = attn.apply_rotary(q, offset), attn.apply_rotary(k, offset)
+            q = attn.apply_rotary(q, offset)
         mask = None
         if past is not None and offset > 0:
             k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
