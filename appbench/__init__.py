@@ -11,6 +11,7 @@ from typing import Any
 import pluggy
 
 from appbench.circuit import QKV, Circuit, Edge, Head, SearchSpace
+from appbench.errors import NotCausalError, RunError
 from appbench.interfaces import Discoverer, Params, Pruner, RunContext
 from appbench.models import (
     ModelLoadError,
@@ -33,7 +34,6 @@ from appbench.path_patching import (
 )
 from appbench.plugins import get_registries
 from appbench.registry import PluginError, UnknownNameError
-from appbench.runner import RunError
 from appbench.tasks import (
     PromptPair,
     Task,
@@ -72,6 +72,7 @@ __all__ = [
     "Edge",
     "Head",
     "ModelLoadError",
+    "NotCausalError",
     "Params",
     "PatchingEngine",
     "PathPatcher",

@@ -20,10 +20,10 @@ from appbench import __version__
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's input or environment, not appbench bugs: one line, exit 2."""
+    from appbench.errors import RunError
     from appbench.models import ModelLoadError
     from appbench.registry import PluginError, UnknownNameError
     from appbench.results import ResultFileError
-    from appbench.runner import RunError
     from appbench.tasks import TaskError
 
     return (UnknownNameError, PluginError, ModelLoadError, TaskError, RunError, ResultFileError)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from appbench.circuit import Head
+from appbench.errors import NotCausalError
 from appbench.fused import (
     POST_NORM_ARCHITECTURES,
     FusedBlocks,
@@ -451,6 +452,35 @@ def live_spans(data: TaskData, max_spans: int = 8) -> list[LiveSpan]:
     ]
 
 
+@torch.no_grad()
+def attends_causally(model: Any, tokens: torch.Tensor) -> bool:
+    """Whether no position's output depends on a later one: the first prompt is run as it is
+    and with random noise added to its last position's residual stream, and every earlier
+    position must come out the same.
+
+    A behavioural check, so that it catches every way attention can see the future (a
+    bidirectional config, a zeroed ``IGNORE`` buffer, a subclass with its own mask).
+    """
+    row = tokens[:1]
+    if row.shape[1] < 2:
+        return True
+    n_layers = int(model.cfg.n_layers)
+    plain = model(row, stop_at_layer=n_layers)
+    generator = torch.Generator().manual_seed(0)
+
+    def perturb(resid: torch.Tensor, hook: Any) -> torch.Tensor:
+        noise = torch.randn(resid.shape[-1], generator=generator).to(resid)
+        resid = resid.clone()
+        resid[:, -1] += noise * (resid.abs().max() + 1.0)
+        return resid
+
+    with model.hooks(fwd_hooks=[(resid_pre_name(0), perturb)]):
+        perturbed = model(row, stop_at_layer=n_layers)
+    before, after = plain[0, :-1], perturbed[0, :-1]
+    scale = float(before.abs().max()) or 1.0
+    return bool((before - after).abs().max() <= 1e-5 * scale)
+
+
 class PathPatcher:
     """Exact path patching (APP spec 3.2), computed with far fewer FLOPs than two full forward
     passes per sender per receiver input.
@@ -487,7 +517,9 @@ class PathPatcher:
     in the change (``benchmarks/`` computes that bound and compares).
 
     Architectures where that closed form does not hold (norms after W_O, split q/k/v inputs)
-    run the frozen passes through TransformerLens hooks instead; the scores are the same.
+    run the frozen passes through TransformerLens hooks instead; the scores are the same. A
+    model whose attention is not causal (checked by :func:`attends_causally`) is refused with
+    :class:`~appbench.errors.NotCausalError`: live positions would give other scores.
 
     Args:
         engine: the engine of the model and task.
@@ -499,6 +531,11 @@ class PathPatcher:
         self.engine = engine
         self.model = engine.model
         self.data = data
+        if not attends_causally(self.model, data.clean):
+            raise NotCausalError(
+                "PathPatcher relies on causal attention, and this model's positions see later "
+                "positions (noise at the last position moved an earlier position's output)"
+            )
         self.memo_bytes = memo_bytes
         self._memo: dict[tuple[Head, int], torch.Tensor] = {}
         self._clean_inputs: dict[Head, dict[str, torch.Tensor]] = {}

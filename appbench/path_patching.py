@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from appbench.circuit import QKV, Head
+from appbench.errors import RunError
 
 if TYPE_CHECKING:
     import torch
@@ -129,7 +130,6 @@ def metric_gap(m_clean: float, m_corrupt: float) -> float:
     Raises RunError when the model barely tells clean from corrupted prompts (the gap is
     below :data:`MIN_RELATIVE_GAP` of the metrics' size): every score would be noise.
     """
-    from appbench.runner import RunError
 
     gap = m_clean - m_corrupt
     if abs(gap) < MIN_RELATIVE_GAP * max(1.0, abs(m_clean), abs(m_corrupt)):

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from appbench import metrics
 from appbench.circuit import Circuit, Head, SearchSpace
+from appbench.errors import RunError
 from appbench.interfaces import Discoverer, Params, Pruner, RunContext
 from appbench.results import (
     Faithfulness,
@@ -43,10 +44,6 @@ from appbench.results import (
 DEFAULT_MODEL = "zoo-multitask"
 DEFAULT_TASK = "ioi"
 DEFAULT_OUT = Path("appbench-results")
-
-
-class RunError(RuntimeError):
-    """A run cannot proceed (bad parameters, a plugin that broke its contract, ...)."""
 
 
 class RunConfig(BaseModel):

@@ -19,11 +19,13 @@ therefore exactly {a0.h0, a1.h1}, with the single edge a0.h0 -> a1.h1 <v> and a1
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from appbench.circuit import QKV as QKV_INPUTS
 from appbench.circuit import Circuit, Head, SearchSpace
 from appbench.interfaces import Discoverer, Pruner, RunContext
 from appbench.tasks import PromptPair, Task, TaskSpec
@@ -320,14 +322,18 @@ class _Wiring:
 
 
 def _attention_model(
-    name: str, n_layers: int, device: str, n_key_value_heads: int | None = None
+    name: str,
+    n_layers: int,
+    device: str,
+    n_key_value_heads: int | None = None,
+    n_heads: int = 8,
 ) -> _Wiring:
     from appbench.models import build_model
 
     tokenizer = toy_tokenizer()
     config: dict[str, Any] = {
         "n_layers": n_layers,
-        "n_heads": 8,
+        "n_heads": n_heads,
         "d_model": 24,
         "d_head": 4,
         "n_ctx": 8,
@@ -506,3 +512,132 @@ def planted_context(model: Any, device: str = "cpu", seed: int = 0) -> RunContex
         seed,
         PatchingEngine(model, task),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# A family of planted circuits: any chain of heads across layers, with distractors
+# --------------------------------------------------------------------------------------------
+
+#: The inputs a chain head may read its predecessor through, and where each head type carries
+#: its signal: a head reached through ``k`` or ``v`` reads its predecessor at position 0, so
+#: the predecessor must carry the signal there (only the first head and ``v`` heads do).
+_NEEDS_POSITION_0 = frozenset({"k", "v"})
+_CARRIES_POSITION_0 = frozenset({None, "v"})
+#: Signal channels of chain heads (up to four) and the junk channel distractors write into.
+_CHAIN_CHANNELS = (_S1, _S1B, _S2, _S3)
+_DISTRACTOR_JUNK = 19
+
+
+@dataclass(frozen=True)
+class PlantedCircuit:
+    """A hand-set attention-only model whose task runs through one planted chain of heads.
+
+    The chain ``(head_0, None), (head_1, input_1), ...`` sits in strictly increasing layers:
+    ``head_0`` reads the signal token (A on clean prompts, B on corrupted ones); each later
+    head reads its predecessor's signal channel through its ``input_i`` (``q``: the query
+    decides between two positions; ``k``: the key at position 0 decides whether position 0 is
+    attended; ``v``: the value at position 0 is copied); the unembedding reads the last head's
+    channel. Heads read through ``k`` or ``v`` read position 0, where only the first head and
+    ``v`` heads carry the signal, so those links must follow one of them. Every link is exact up to a softmax
+    leak of order e^-20, so each planted path carries the whole effect: path-patching score
+    -1 for every edge of :attr:`edges`.
+
+    Distractors are live heads with no path to the logits: they read the signal token (their
+    activations differ between clean and corrupted prompts) and write into a junk channel
+    that nothing reads. Weak heads do reach the logits, by ``weak_effect`` of the gap each
+    (score about ``-weak_effect``): a real but negligible effect, so a selection rule that
+    depends on the other heads' scores can be told apart from one that does not.
+
+    Use the toy task (:class:`ToyTask`, :func:`planted_context`) with these models.
+    """
+
+    n_layers: int
+    n_heads: int
+    chain: tuple[tuple[Head, str | None], ...]
+    distractors: frozenset[Head] = frozenset()
+    weak: frozenset[Head] = frozenset()
+    weak_effect: float = 0.005
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.chain) <= len(_CHAIN_CHANNELS):
+            raise ValueError(f"a planted chain has 1 to {len(_CHAIN_CHANNELS)} heads")
+        if self.n_heads < 2 or self.n_layers < 1:
+            raise ValueError("a planted model needs at least 1 layer and 2 heads per layer")
+        for index, (head, via) in enumerate(self.chain):
+            if head.layer >= self.n_layers or head.head >= self.n_heads:
+                raise ValueError(f"{head.id} lies outside a {self.n_layers}x{self.n_heads} model")
+            if (via is None) != (index == 0) or (via is not None and via not in QKV_INPUTS):
+                raise ValueError("the first chain head reads the token, every later one q, k or v")
+            if index and head.layer <= self.chain[index - 1][0].layer:
+                raise ValueError("chain heads must sit in strictly increasing layers")
+            if via in _NEEDS_POSITION_0 and self.chain[index - 1][1] not in _CARRIES_POSITION_0:
+                raise ValueError(
+                    f"{head.id} reads through {via} at position 0, where its predecessor "
+                    "carries no signal (only the first head and v heads do)"
+                )
+        used = self.heads
+        for group in (self.distractors, self.weak):
+            if group & used:
+                raise ValueError("distractor and weak heads must be outside the chain")
+            if any(h.layer >= self.n_layers or h.head >= self.n_heads for h in group):
+                raise ValueError("distractor or weak head outside the model")
+            used = used | group
+        if not 0 < self.weak_effect < 0.5:
+            raise ValueError(f"weak_effect must lie in (0, 0.5), got {self.weak_effect}")
+
+    @property
+    def heads(self) -> frozenset[Head]:
+        """The planted circuit."""
+        return frozenset(head for head, _ in self.chain)
+
+    @property
+    def edges(self) -> frozenset[str]:
+        """The planted edges, ``sender->receiver<input>`` and ``last->logits``."""
+        links = {
+            f"{self.chain[i - 1][0].id}->{head.id}<{via}>"
+            for i, (head, via) in enumerate(self.chain)
+            if i
+        }
+        return frozenset(links | {f"{self.chain[-1][0].id}->logits"})
+
+    def build(self, device: str = "cpu") -> Any:
+        """The model, weights set by hand (no training)."""
+        name = f"planted-{self.n_layers}x{self.n_heads}"
+        wiring = _attention_model(name, self.n_layers, device, n_heads=self.n_heads)
+        channels = _CHAIN_CHANNELS[: len(self.chain)]
+        # A key path needs its signal at position 0 alone (keys that all move together leave
+        # the attention pattern unchanged). A head read through k therefore attends to itself
+        # ("local"), and so does a v head feeding a local head, since attending to itself it
+        # copies its predecessor position by position. Other first and v heads attend to
+        # position 0 and spread its signal to every position.
+        local = [False] * len(self.chain)
+        for index in range(len(self.chain) - 2, -1, -1):
+            following = self.chain[index + 1][1]
+            local[index] = following == "k" or (following == "v" and local[index + 1])
+        for index, (head, via) in enumerate(self.chain):
+            layer, h = head.layer, head.head
+            attend = wiring.attend_self if local[index] else wiring.attend_position_0
+            if via is None:
+                attend(layer, h)
+                wiring.read_signal_token(layer, h)
+                wiring.o(layer, h, channels[index])
+            elif via == "q":
+                _query_receiver(wiring, layer, h, channels[index - 1], channels[index])
+            elif via == "k":
+                _key_receiver(wiring, layer, h, channels[index - 1], channels[index])
+            else:
+                attend(layer, h)
+                wiring.v(layer, h, channels[index - 1], 1.0)
+                wiring.o(layer, h, channels[index])
+        for head in self.distractors:
+            wiring.attend_position_0(head.layer, head.head)
+            wiring.read_signal_token(head.layer, head.head)
+            wiring.o(head.layer, head.head, _DISTRACTOR_JUNK)
+        # A weak head adds +/- w to the output channel c; the clean metric is 2 (1 + n w) and
+        # patching one weak head moves it by 2 w: a score of -w / (1 + n w) ~ -w.
+        for head in self.weak:
+            wiring.attend_position_0(head.layer, head.head)
+            wiring.v(head.layer, head.head, wiring.vocab["A"], self.weak_effect)
+            wiring.v(head.layer, head.head, wiring.vocab["B"], -self.weak_effect)
+            wiring.o(head.layer, head.head, channels[-1])
+        return wiring.unembed(channels[-1])

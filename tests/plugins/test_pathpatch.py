@@ -80,10 +80,14 @@ def test_default_parameters_recover_exactly_the_planted_heads_and_edges(build, h
 
 def test_gqa_kv_heads_are_patched_once_and_shared_by_their_query_heads():
     ctx = planted_context(planted_gqa_model())
-    # Three equal paths into the logits (z = 2.02) do not clear the default resid threshold
-    # 2 + 2/sqrt(16) = 2.5; with T_resid = 1 they do (see planted_gqa_model).
-    assert discover(ctx)[0].heads == frozenset()
-    circuit, passes = discover(ctx, resid_importance_threshold=1.0)
+    # Three equal paths into the logits (z = 2.02) do not clear the outlier rule's resid
+    # threshold 2 + 2/sqrt(16) = 2.5; with T_resid = 1 they do (see planted_gqa_model). The
+    # default rule keeps every path that carries at least 1% of the gap: all of them.
+    assert discover(ctx, selection="model")[0].heads == frozenset()
+    assert discover(ctx, selection="model", resid_importance_threshold=1.0)[0].heads == (
+        PLANTED_GQA_CIRCUIT
+    )
+    circuit, passes = discover(ctx)
     assert circuit.heads == PLANTED_GQA_CIRCUIT
     assert edge_ids(circuit) == PLANTED_GQA_EDGES
     assert circuit.scores["a0.h0"] == pytest.approx(-2 / 3, abs=1e-5)
@@ -94,13 +98,20 @@ def test_gqa_kv_heads_are_patched_once_and_shared_by_their_query_heads():
     assert passes == 2 + 16 + 3 * (3 * 2 * 8) - 2 * (2 * 8)
 
 
-def test_the_original_planted_model_needs_the_linear_mode():
+def test_the_original_planted_model_by_default_and_with_the_outlier_rules():
+    circuit = check_discoverer(PathPatch)
+    assert circuit.heads == PLANTED_CIRCUIT
+    assert edge_ids(circuit) == PLANTED_EDGES
     # With 2 heads per layer no single outlier clears the sqrt rule: for n scores with one
     # outlier, (|R| - |mu|) / sigma is at most (n - 1) / sqrt(n) = 1.5 for n = 4, below
     # T_resid + 2/sqrt(4) = 3. The linear rule with low thresholds recovers it exactly.
-    assert check_discoverer(PathPatch).heads == frozenset()
+    assert check_discoverer(PathPatch, selection="model").heads == frozenset()
     circuit = check_discoverer(
-        PathPatch, mode="linear", importance_threshold=0.5, resid_importance_threshold=1.0
+        PathPatch,
+        selection="model",
+        mode="linear",
+        importance_threshold=0.5,
+        resid_importance_threshold=1.0,
     )
     assert circuit.heads == PLANTED_CIRCUIT
     assert edge_ids(circuit) == PLANTED_EDGES
@@ -150,11 +161,22 @@ def test_a_model_that_ignores_the_task_is_reported():
         PathPatch().discover(ctx, SearchSpace.dense(2, 8), PathPatch.Params())
 
 
-def test_bad_parameters_are_one_line_errors():
-    with pytest.raises(RunError, match="mode"):
-        parse_params(PathPatch, {"mode": "exp"})
-    with pytest.raises(RunError, match="early_exit_fraction"):
-        parse_params(PathPatch, {"early_exit_fraction": "0"})
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"mode": "exp"}, "mode"),
+        ({"early_exit_fraction": "0"}, "early_exit_fraction"),
+        ({"selection": "zeros"}, "selection"),
+        ({"effect_threshold": "0"}, "effect_threshold"),
+        ({"effect_threshold": "inf"}, "effect_threshold"),
+        ({"effect_threshold": "nan"}, "effect_threshold"),
+        ({"importance_threshold": "1e400"}, "importance_threshold"),
+        ({"compat": "true"}, "compat: Extra inputs"),
+    ],
+)
+def test_bad_parameters_are_one_line_errors(params, match):
+    with pytest.raises(RunError, match=match):
+        parse_params(PathPatch, params)
 
 
 # ------------------------------------------------------------------------ the selection rule
@@ -169,7 +191,13 @@ def grid(rows):
 
 
 def select(scores, n_rows=2, n_heads=4, **kwargs):
-    params = {"threshold": 1.0, "min_value_threshold": 0.01, "k": 2.0, "mode": "sqrt"}
+    params = {
+        "selection": "scored",
+        "threshold": 1.0,
+        "min_value_threshold": 0.01,
+        "k": 2.0,
+        "mode": "sqrt",
+    }
     return {h.id for h in select_senders(scores, n_rows, n_heads, **{**params, **kwargs})}
 
 
@@ -191,6 +219,22 @@ def test_selection_rule_by_hand_in_both_modes():
     assert select(last, threshold=1.78) == set()
 
 
+def test_effect_rule_by_hand():
+    scores = grid([[-0.5, 0.049, None, 0.05], [0.0, -0.2, 0.01, None]])
+    assert select(scores, selection="effect", effect_threshold=0.05) == {"a0.h0", "a0.h3", "a1.h1"}
+    assert select(scores, selection="effect", effect_threshold=0.3) == {"a0.h0"}
+    # The selection of a head never depends on the others: drop any of them, keep the rest.
+    for dropped in list(scores):
+        rest = {h: v for h, v in scores.items() if h != dropped}
+        assert select(rest, selection="effect", effect_threshold=0.05) == (
+            {"a0.h0", "a0.h3", "a1.h1"} - {dropped.id}
+        )
+    # min_value_threshold still applies: nothing when max |R| is at most it.
+    assert (
+        select(scores, selection="effect", effect_threshold=0.05, min_value_threshold=0.5) == set()
+    )
+
+
 def test_min_value_threshold_and_degenerate_inputs():
     small = grid([[-0.01, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
     assert select(small, threshold=0.0) == set()  # max |R| <= 0.01
@@ -201,23 +245,23 @@ def test_min_value_threshold_and_degenerate_inputs():
         select({Head(2, 0): 1.0}, n_rows=2)
 
 
-def test_compat_statistics_count_unscored_heads_as_zeros():
-    # 4 of 8 heads scored. Default: mu = -1/4, sigma = 1/2, |R| - |mu| = 3/4 = 1.5 sigma, and
-    # n_0 = 2 scored heads in row 0 -> base = T + 2/sqrt(2). Compat: the 4 unscored heads are
+def test_model_statistics_count_unscored_heads_as_zeros():
+    # 4 of 8 heads scored. Scored: mu = -1/4, sigma = 1/2, |R| - |mu| = 3/4 = 1.5 sigma, and
+    # n_0 = 2 scored heads in row 0 -> base = T + 2/sqrt(2). Model: the 4 unscored heads are
     # zeros (mu = -1/8, sigma = sqrt(1/8), 2.475 sigma) and n_0 = 4 -> base = T + 1.
     scores = grid([[-1.0, 0.0, None, None], [0.0, 0.0, None, None]])
     assert select(scores, threshold=0.05) == {"a0.h0"}  # 1.464 sigma < 1.5 sigma
     assert select(scores, threshold=0.1) == set()  # 1.514 sigma
-    assert select(scores, threshold=0.1, compat=True) == {"a0.h0"}
-    assert select(scores, threshold=1.4, compat=True) == {"a0.h0"}
-    assert select(scores, threshold=1.5, compat=True) == set()
+    assert select(scores, threshold=0.1, selection="model") == {"a0.h0"}
+    assert select(scores, threshold=1.4, selection="model") == {"a0.h0"}
+    assert select(scores, threshold=1.5, selection="model") == set()
     # linear: only the statistics differ (row 0 base = T + 0.1).
     assert select(scores, mode="linear", threshold=1.39) == {"a0.h0"}
     assert select(scores, mode="linear", threshold=1.41) == set()
-    assert select(scores, mode="linear", threshold=2.3, compat=True) == {"a0.h0"}
+    assert select(scores, mode="linear", threshold=2.3, selection="model") == {"a0.h0"}
 
 
-def test_compat_and_default_agree_on_a_dense_space():
+def test_model_and_scored_statistics_agree_on_a_dense_space():
     rng = random.Random(0)
     for _ in range(50):
         n_rows, n_heads = rng.randint(1, 4), rng.randint(2, 5)
@@ -228,7 +272,9 @@ def test_compat_and_default_agree_on_a_dense_space():
         }
         for mode in ("sqrt", "linear"):
             plain = select(scores, n_rows, n_heads, mode=mode, threshold=1.0)
-            assert plain == select(scores, n_rows, n_heads, mode=mode, threshold=1.0, compat=True)
+            assert plain == select(
+                scores, n_rows, n_heads, mode=mode, threshold=1.0, selection="model"
+            )
 
 
 def test_selection_matches_a_direct_transcription_of_the_rule():
@@ -242,7 +288,8 @@ def test_selection_matches_a_direct_transcription_of_the_rule():
             for _ in range(n_rows)
         ]
         scores = grid(matrix)
-        for compat in (False, True):
+        for selection in ("scored", "model"):
+            compat = selection == "model"
             flat = (
                 [0.0 if v is None else v for row in matrix for v in row]
                 if compat
@@ -259,7 +306,7 @@ def test_selection_matches_a_direct_transcription_of_the_rule():
                     for h, v in enumerate(row):
                         if v is not None and abs(v) - abs(mu) > base * abs(sigma):
                             expected.add(f"a{layer}.h{h}")
-            got = select(scores, n_rows, n_heads, threshold=1.2, compat=compat)
+            got = select(scores, n_rows, n_heads, threshold=1.2, selection=selection)
             assert got == expected
 
 

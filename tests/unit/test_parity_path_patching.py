@@ -222,7 +222,12 @@ def test_parity_on_the_default_model_for_every_task(task_name):
     space = SearchSpace.dense(model.cfg.n_layers, model.cfg.n_heads)
     # Low thresholds, so that the search selects several heads (and, on four of the five
     # tasks, goes on from the logits stage to receivers in later layers).
-    params = {"importance_threshold": 1.0, "resid_importance_threshold": 0.0, "k": 0.0}
+    params = {
+        "selection": "scored",
+        "importance_threshold": 1.0,
+        "resid_importance_threshold": 0.0,
+        "k": 0.0,
+    }
     fast = PathPatch().discover(ctx, space, PathPatch.Params(engine="fast", **params))
     slow = PathPatch().discover(ctx, space, PathPatch.Params(engine="reference", **params))
     assert len(fast.heads) >= 4
@@ -242,7 +247,7 @@ def test_parity_pathpatch_finds_the_same_circuit_with_both_engines():
         model, "zoo-ioi", task, search, evaluation, "cpu", 0, PatchingEngine(model, task)
     )
     space = SearchSpace.dense(4, 8)
-    params = {"importance_threshold": 1.0, "resid_importance_threshold": 0.5}
+    params = {"selection": "scored", "importance_threshold": 1.0, "resid_importance_threshold": 0.5}
     fast = PathPatch().discover(ctx, space, PathPatch.Params(engine="fast", **params))
     slow = PathPatch().discover(ctx, space, PathPatch.Params(engine="reference", **params))
     assert len(fast.heads) >= 2  # a search that goes beyond the logits stage
