@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,6 +29,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from appbench.tasks import TaskError
 
     return (UnknownNameError, PluginError, ModelLoadError, TaskError, RunError, ResultFileError)
+
+
+@contextmanager
+def results_only_on_stdout() -> Iterator[None]:
+    """Send whatever a model loader or plugin prints to stderr while work runs, so that
+    stdout holds only the result (one JSON document with --json)."""
+    with redirect_stdout(sys.stderr):
+        yield
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -171,6 +181,19 @@ def _params(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
     return params
 
 
+def _cost(c: Any) -> str:
+    return f"{c.wall_seconds:.2f} s, {c.prompt_passes:.0f} prompt passes, {c.flops / 1e9:.2f} GFLOP"
+
+
+def _ratio(ratio: float) -> str:
+    """A speedup ratio in words: "2.50x faster" or "3.40x slower" (never a negative %)."""
+    if ratio != ratio:  # NaN: a zero-cost stage on one side
+        return "not comparable"
+    if ratio >= 1:
+        return f"{ratio:.2f}x faster"
+    return f"{1 / ratio:.2f}x slower"
+
+
 def _summary_table(result: Any, path: Path) -> str:
     from tabulate import tabulate
 
@@ -214,20 +237,27 @@ def _summary_table(result: Any, path: Path) -> str:
         )
     for stage in ("prune", "discover", "evaluate"):
         c = result.cost[stage]
-        rows.append(
-            [
-                f"{stage} cost",
-                f"{c.wall_seconds:.2f} s, {c.prompt_passes:.0f} prompt passes, {c.flops / 1e9:.2f} GFLOP",
-            ]
-        )
+        rows.append([f"{stage} cost", _cost(c)])
+        for name in sorted(k for k in result.cost if k.startswith(f"{stage}.")):
+            rows.append([f"  of which {name.split('.', 1)[1]}", _cost(result.cost[name])])
     if result.speedup is not None:
         s = result.speedup
         rows.append(
             [
                 "speedup vs none",
-                f"wall x{s.wall_ratio:.2f} ({s.wall_percent:.1f}%), FLOPs x{s.flops_ratio:.2f}",
+                f"wall {_ratio(s.wall_ratio)}, FLOPs {_ratio(s.flops_ratio)} (prune + discover)",
             ]
         )
+        rows.append(
+            [
+                "pruning paid / search saved",
+                f"{s.prune_wall_seconds:.2f} s, {s.prune_flops / 1e9:.2f} GFLOP paid; "
+                f"{s.saved_discover_wall_seconds:.2f} s, "
+                f"{s.saved_discover_flops / 1e9:.2f} GFLOP of search saved",
+            ]
+        )
+    for flag in result.flags:
+        rows.append([f"FLAG {flag.code}", flag.message])
     rows.append(["result file", str(path)])
     return tabulate(rows, tablefmt="simple")
 
@@ -341,7 +371,8 @@ def run(
         if not quiet:
             click.echo(f"[appbench] {line}", err=True)
 
-    result, path = run_once(config, log)
+    with results_only_on_stdout():
+        result, path = run_once(config, log)
     if as_json:
         click.echo(result.model_dump_json(indent=2))
     else:
@@ -470,6 +501,12 @@ def reference() -> None:
     default=None,
     help="Folder for <model>.json (default: the task folder's reference/).",
 )
+@click.option(
+    "--allow-degenerate",
+    is_flag=True,
+    help="Write the reference even when it is empty, less faithful than the empty circuit, or "
+    "below the normalised faithfulness a reference needs (refused by default).",
+)
 def reference_build(
     task_name: str | None,
     model: str | None,
@@ -480,6 +517,7 @@ def reference_build(
     seed: int | None,
     from_result: Path | None,
     out: Path | None,
+    allow_degenerate: bool,
 ) -> None:
     """Run DISCOVERER on the dense search space and save its circuit as the reference.
 
@@ -493,6 +531,7 @@ def reference_build(
     import tempfile
     from importlib import resources
 
+    from appbench.flags import reference_problems
     from appbench.plugins import get_registries
     from appbench.results import load_result
     from appbench.runner import RunConfig
@@ -533,7 +572,17 @@ def reference_build(
                 command=command,
                 compute_reference=False,
             )
-            result, _ = run_once(config, lambda line: click.echo(f"[appbench] {line}", err=True))
+            with results_only_on_stdout():
+                result, _ = run_once(
+                    config, lambda line: click.echo(f"[appbench] {line}", err=True)
+                )
+    problems = reference_problems(result)
+    if problems and not allow_degenerate:
+        fail(
+            "refusing to write a degenerate reference circuit: "
+            + "; ".join(problems)
+            + " (--allow-degenerate writes it anyway)"
+        )
     path = folder / f"{model.replace('/', '__')}.json"
     existing = task.reference_file(model) if out is None else None
     circuits = dict(existing.circuits) if existing else {}

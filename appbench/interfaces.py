@@ -8,6 +8,7 @@ stage, so every plugin is measured the same way.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -40,6 +41,12 @@ class RunContext:
         engine: the patching engine bound to the model and task.
         log: where a plugin reports progress on long work (one line at a time); the CLI
             prints it to stderr, tests and library callers may leave it silent.
+        flag: ``flag(code, message)`` marks the result as one not to take at face value
+            (e.g. ``fallback-sparsity`` when no cliff was found); the runner records every
+            flag in the result and prints it.
+        part: ``with ctx.part("sweep"):`` has the runner measure a named part of the current
+            stage on its own (recorded as ``<stage>.sweep``, still counted in the stage), so
+            that e.g. a pruner's sparsity sweep is reported apart from its scoring.
     """
 
     model: Any
@@ -51,6 +58,8 @@ class RunContext:
     seed: int
     engine: PatchingEngine
     log: Callable[[str], None] = lambda line: None
+    flag: Callable[[str, str], None] = lambda code, message: None
+    part: Callable[[str], AbstractContextManager[None]] = lambda name: nullcontext()
 
     @property
     def n_layers(self) -> int:

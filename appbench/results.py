@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class StageCost(BaseModel):
@@ -43,6 +43,16 @@ class Reference(BaseModel):
 
     source: str = Field(description="shipped reference file, or how it was computed in this run")
     heads: list[str] = Field(description="head ids of the reference circuit")
+    kind: str = Field(
+        default="method-derived",
+        description="'ground-truth' (built into the model, verified by ablation) or "
+        "'method-derived' (the output of a discovery method)",
+    )
+    faithfulness: float | None = Field(
+        default=None,
+        description="normalised faithfulness (m(R)−m(∅))/(m(M)−m(∅)) of the reference itself on "
+        "this run's evaluation split, with the same ablation as the circuit's",
+    )
 
 
 class Faithfulness(BaseModel):
@@ -78,8 +88,21 @@ class Overlap(BaseModel):
     reference_size: int = Field(description="|R|")
 
 
+class Flag(BaseModel):
+    """A reason not to take a result at face value (an empty circuit, an unfaithful reference,
+    a refused speedup, ...). Printed with the table and kept in the result file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = Field(description="stable identifier, e.g. 'empty-circuit'")
+    message: str = Field(description="one line saying what is wrong, with the numbers")
+
+
 class Speedup(BaseModel):
-    """Cost of this run against the matching dense (`--pruner none`) run of the same discoverer."""
+    """Cost of this run against the matching dense (`--pruner none`) run of the same discoverer.
+
+    Ratios below 1 mean this run was slower than the dense one.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -92,6 +115,14 @@ class Speedup(BaseModel):
     flops_ratio: float = Field(description="baseline prune+discover FLOPs / this run's")
     discover_wall_ratio: float = Field(description="discovery stage alone, wall time ratio")
     discover_flops_ratio: float = Field(description="discovery stage alone, FLOPs ratio")
+    prune_wall_seconds: float = Field(description="this run's pruning wall time (what it paid)")
+    prune_flops: float = Field(description="this run's pruning FLOPs (what it paid)")
+    saved_discover_wall_seconds: float = Field(
+        description="dense discovery wall time minus this run's (what pruning saved)"
+    )
+    saved_discover_flops: float = Field(
+        description="dense discovery FLOPs minus this run's (what pruning saved)"
+    )
 
 
 class Provenance(BaseModel):
@@ -130,6 +161,10 @@ class RunResult(BaseModel):
     device: str = Field(description="torch device")
     n_search: int = Field(description="prompts in the search split")
     n_eval: int = Field(description="prompts in the evaluation split")
+    search_sha256: str = Field(
+        description="SHA-256 of the search split's clean and corrupted token ids, targets and "
+        "answers: two runs searched the same prompts exactly when these agree"
+    )
     n_layers: int = Field(description="layers of the model")
     n_heads: int = Field(description="query heads per layer")
     total_heads: int = Field(description="n_layers × n_heads")
@@ -145,9 +180,18 @@ class RunResult(BaseModel):
     faithfulness: Faithfulness = Field(description="faithfulness on the evaluation split")
     reference: Reference | None = Field(description="circuit used for overlap, with its source")
     overlap: Overlap | None = Field(description="overlap with the reference")
-    cost: dict[str, StageCost] = Field(description="per stage: load, prune, discover, evaluate")
+    cost: dict[str, StageCost] = Field(
+        description="per stage: load, prune, discover, evaluate; a key '<stage>.<part>' (such "
+        "as prune.sweep, the sparsity sweep) is a part of that stage, already counted in it"
+    )
     speedup: Speedup | None = Field(
         description="against the dense run of the same discoverer, if found"
+    )
+    flags: list[Flag] = Field(
+        default_factory=list,
+        description="reasons not to take this result at face value (empty circuit, circuit "
+        "worse than empty, few evaluation prompts, unfaithful reference, fallback sparsity, "
+        "refused speedup, ...)",
     )
     provenance: Provenance = Field(description="versions, commit, plugins, command")
 
@@ -178,8 +222,17 @@ class ResultFileError(ValueError):
 
 
 def load_result(path: Path) -> RunResult:
+    """Read a result file; a missing, unreadable, foreign or other-schema file is one
+    ResultFileError line."""
     try:
-        return RunResult.model_validate(json.loads(path.read_text()))
-    except (OSError, json.JSONDecodeError, ValidationError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        version = data.get("schema_version") if isinstance(data, dict) else None
+        if version is not None and version != SCHEMA_VERSION:
+            raise ResultFileError(
+                f"{path}: result schema {version}, this appbench reads schema {SCHEMA_VERSION} "
+                "(run it again with this version)"
+            )
+        return RunResult.model_validate(data)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValidationError) as exc:
         first = str(exc).splitlines()[0]
         raise ResultFileError(f"{path}: not a valid appbench result ({first})") from exc

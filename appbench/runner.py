@@ -14,7 +14,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -26,9 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from appbench import metrics
 from appbench.circuit import Circuit, Head, SearchSpace
 from appbench.errors import RunError
+from appbench.flags import baseline_differences, circuit_flags, reference_flags
 from appbench.interfaces import Discoverer, Params, Pruner, RunContext
 from appbench.results import (
     Faithfulness,
+    Flag,
     Overlap,
     Provenance,
     Reference,
@@ -156,14 +158,20 @@ def measure(
     sink: dict[str, StageCost],
     stage: str,
     extra_flops: Callable[[], float] = lambda: 0.0,
+    nested: bool = False,
 ) -> Iterator[None]:
-    """Time a stage and record its counters into ``sink[stage]``."""
+    """Time a stage and record its counters into ``sink[stage]``.
+
+    ``nested`` measures a part inside a stage being measured: the CUDA peak is then left alone
+    (resetting it would lose the enclosing stage's peak).
+    """
     import torch
 
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if not nested:
+            torch.cuda.reset_peak_memory_stats()
     before = counter.snapshot() if counter else _Tally()
     extra_before = extra_flops()
     started = time.perf_counter()
@@ -198,22 +206,48 @@ def parse_params(cls: type[Pruner] | type[Discoverer], raw: dict[str, Any]) -> P
         raise RunError(f"bad parameters for {cls.name}: {problems} (known: {known})") from None
 
 
-def evaluate_circuit(ctx: RunContext, heads: frozenset[Head]) -> Faithfulness:
-    """Faithfulness of ``heads`` on the evaluation split (per-template corrupted means)."""
+def evaluate_circuits(ctx: RunContext, circuits: Sequence[frozenset[Head]]) -> list[Faithfulness]:
+    """Faithfulness of each head set on the evaluation split (per-template corrupted means),
+    all in one batched pass together with the full model and the empty circuit."""
     import torch
 
     engine, data = ctx.engine, ctx.evaluation
     means = engine.per_prompt(engine.group_means(engine.cache_z(data.corrupt), data), data)
-    keep = torch.zeros(3, ctx.n_layers, ctx.n_heads, dtype=torch.bool)
+    keep = torch.zeros(2 + len(circuits), ctx.n_layers, ctx.n_heads, dtype=torch.bool)
     keep[0] = True  # the full model: nothing ablated
-    for head in heads:
-        keep[2, head.layer, head.head] = True
-    values = engine.ablated_metric(data, keep, means).mean(dim=1).tolist()
-    f = metrics.faithfulness(values[0], values[1], values[2])
-    return Faithfulness(
-        **f.to_dict(),  # type: ignore[arg-type]
-        ablation="hook_z of every head outside the circuit replaced, at all positions, by its "
-        "per-template, per-position mean over the evaluation split's corrupted prompts",
+    for row, heads in enumerate(circuits, start=2):
+        for head in heads:
+            keep[row, head.layer, head.head] = True
+    values = engine.ablated_metric(data, keep, means).double().mean(dim=1).tolist()
+    return [
+        Faithfulness(
+            **metrics.faithfulness(values[0], values[1], value).to_dict(),  # type: ignore[arg-type]
+            ablation="hook_z of every head outside the circuit replaced, at all positions, by "
+            "its per-template, per-position mean over the evaluation split's corrupted prompts",
+        )
+        for value in values[2:]
+    ]
+
+
+def evaluate_circuit(ctx: RunContext, heads: frozenset[Head]) -> Faithfulness:
+    """Faithfulness of ``heads`` on the evaluation split (per-template corrupted means)."""
+    return evaluate_circuits(ctx, [heads])[0]
+
+
+def shipped_reference(task: Any, model_name: str) -> Reference | None:
+    """The task's shipped default reference circuit for the model (or its TransformerLens
+    official name), checked against nothing but its own file; None when there is none."""
+    shipped = task.reference(model_name)
+    if shipped is None:
+        official = _official_name(model_name)
+        shipped = task.reference(official) if official else None
+    if shipped is None:
+        return None
+    key, ref = shipped
+    return Reference(
+        source=f"{task.name}/reference/{model_name}.json#{key} v{ref.version}: {ref.source} ({ref.method})",
+        heads=sorted(ref.heads, key=Head.parse),
+        kind=ref.kind,
     )
 
 
@@ -221,16 +255,9 @@ def _reference(
     ctx: RunContext, cfg: RunConfig, circuit: Circuit, log: Callable[[str], None] = lambda _: None
 ) -> Reference | None:
     """The shipped reference circuit, else the dense `actpatch` circuit computed here."""
-    shipped = ctx.task.reference(cfg.model)
-    if shipped is None:
-        official = _official_name(cfg.model)
-        shipped = ctx.task.reference(official) if official else None
+    shipped = shipped_reference(ctx.task, cfg.model)
     if shipped is not None:
-        key, ref = shipped
-        return Reference(
-            source=f"{ctx.task.name}/reference/{cfg.model}.json#{key} v{ref.version}: {ref.source} ({ref.method})",
-            heads=sorted(ref.heads, key=Head.parse),
-        )
+        return shipped
     if not cfg.compute_reference:
         log("no shipped reference circuit for this model; overlap skipped (--no-reference)")
         return None
@@ -260,26 +287,30 @@ def _official_name(name: str) -> str | None:
 
 
 def _speedup(
-    cfg: RunConfig,
-    seed: int,
-    n_search: int,
+    run: dict[str, Any],
     cost: dict[str, StageCost],
     path: Path,
-    warn: Callable[[str], None],
+    flag: Callable[[str, str], None],
 ) -> Speedup | None:
-    """Compare with ``none__<discoverer>.json`` beside ``path`` when it ran on the same prompts."""
-    if cfg.pruner == "none":
+    """Compare with ``none__<discoverer>.json`` beside ``path``; refused, with a flag naming
+    every difference, when that run is not the same search without pruning (other prompts,
+    seed, discoverer parameters, task or code version)."""
+    if run["pruner"] == "none":
         return None
-    base_path = path.with_name(f"none__{cfg.discoverer}.json")
+    base_path = path.with_name(f"none__{run['discoverer']}.json")
     if not base_path.is_file():
         return None
     try:
         base = load_result(base_path)
     except ResultFileError as exc:
-        warn(f"no speedup: {exc}")
+        flag("speedup-refused", f"no speedup: {exc}")
         return None
-    if (base.seed, base.n_search, base.device) != (seed, n_search, cfg.device):
-        warn(f"no speedup: {base_path} ran with another seed, search split size or device")
+    differences = baseline_differences(run, base)
+    if differences:
+        flag(
+            "speedup-refused",
+            f"no speedup: the dense run {base_path} differs in " + "; ".join(differences),
+        )
         return None
 
     def total(c: dict[str, StageCost], field: str) -> float:
@@ -300,6 +331,11 @@ def _speedup(
         discover_flops_ratio=metrics.speedup(
             base.cost["discover"].flops, cost["discover"].flops
         ).ratio,
+        prune_wall_seconds=cost["prune"].wall_seconds,
+        prune_flops=cost["prune"].flops,
+        saved_discover_wall_seconds=base.cost["discover"].wall_seconds
+        - cost["discover"].wall_seconds,
+        saved_discover_flops=base.cost["discover"].flops - cost["discover"].flops,
     )
 
 
@@ -348,6 +384,8 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
     """Run one pruner x discoverer combination end to end; returns the result and its file.
 
     Names and parameters are validated before the model is loaded, so bad input fails fast.
+    Conditions that make a number meaningless (an empty circuit, an unfaithful reference, a
+    refused speedup, ...) are recorded as flags in the result and logged as warnings.
     """
     import torch
 
@@ -359,7 +397,12 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"device {cfg.device!r} requested but CUDA is not available")
     cost: dict[str, StageCost] = {}
+    flags: list[Flag] = []
     seed = task.spec.seed if cfg.seed is None else cfg.seed
+
+    def flag(code: str, message: str) -> None:
+        flags.append(Flag(code=code, message=message))
+        log(f"warning: {message}")
 
     log(f"loading model {cfg.model} on {cfg.device}")
     with measure(None, cfg.device, cost, "load"):
@@ -370,11 +413,32 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
         search, evaluation = search.to(cfg.device), evaluation.to(cfg.device)
     torch.manual_seed(seed)
     engine = PatchingEngine(model, task)
-    ctx = RunContext(model, cfg.model, task, search, evaluation, cfg.device, seed, engine, log)
     counter = CostCounter(model)
+    stage = {"name": ""}
+
+    @contextmanager
+    def part(name: str) -> Iterator[None]:
+        with measure(
+            counter,
+            cfg.device,
+            cost,
+            f"{stage['name']}.{name}",
+            lambda: engine.extra_flops,
+            nested=True,
+        ):
+            yield
+
+    ctx = RunContext(
+        model, cfg.model, task, search, evaluation, cfg.device, seed, engine, log, flag, part
+    )
+
+    def timed(name: str) -> Any:
+        stage["name"] = name
+        return measure(counter, cfg.device, cost, name, lambda: engine.extra_flops)
+
     try:
         log(f"pruning with {cfg.pruner}")
-        with measure(counter, cfg.device, cost, "prune", lambda: engine.extra_flops):
+        with timed("prune"):
             space = pruner_cls().prune(ctx, pruner_params)
         if not isinstance(space, SearchSpace) or (space.n_layers, space.n_heads) != (
             ctx.n_layers,
@@ -386,7 +450,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
         log(
             f"search space: {len(space)}/{space.total_heads} heads; discovering with {cfg.discoverer}"
         )
-        with measure(counter, cfg.device, cost, "discover", lambda: engine.extra_flops):
+        with timed("discover"):
             circuit = discoverer_cls().discover(ctx, space, discoverer_params)
         if not isinstance(circuit, Circuit):
             raise RunError(
@@ -398,29 +462,65 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
                 f"discoverer {cfg.discoverer} returned heads outside the search space: "
                 + ", ".join(h.id for h in outside[:5])
             )
+        stage["name"] = "reference"
+        reference = _reference(ctx, cfg, circuit, log)
+        reference_heads = (
+            frozenset(Head.parse(h) for h in reference.heads) if reference is not None else None
+        )
         log(f"circuit: {len(circuit)} heads; evaluating on {len(evaluation)} held-out prompts")
-        with measure(counter, cfg.device, cost, "evaluate", lambda: engine.extra_flops):
-            faith = evaluate_circuit(ctx, circuit.heads)
+        with timed("evaluate"):
+            evaluated = [circuit.heads] + ([reference_heads] if reference_heads is not None else [])
+            faith, *reference_faith = evaluate_circuits(ctx, evaluated)
     finally:
         counter.remove()
-    reference = _reference(ctx, cfg, circuit, log)
     ov = None
-    if reference is not None:
-        reference_heads = {Head.parse(h) for h in reference.heads}
+    if reference is not None and reference_heads is not None:
+        reference = reference.model_copy(update={"faithfulness": reference_faith[0].normalised})
         ov = Overlap.model_validate(metrics.overlap(circuit.heads, reference_heads).to_dict())
+    for found in [
+        *circuit_flags(len(circuit), faith, len(evaluation)),
+        *reference_flags(reference),
+    ]:
+        flag(found.code, found.message)
 
     path = result_path(cfg.out, cfg.task, cfg.model, cfg.pruner, cfg.discoverer)
+    provenance = Provenance(
+        appbench_version=metadata.version("appbench"),
+        git_commit=_git_commit(),
+        created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        command=cfg.command,
+        python=platform.python_version(),
+        libraries=_library_versions(),
+        plugins=[info.__dict__ for info in plugin_infos()],
+        task_version=task.spec.version,
+        model_source=str(getattr(model.cfg, "model_name", cfg.model)),
+    )
+    fields: dict[str, Any] = {
+        "task": cfg.task,
+        "model": cfg.model,
+        "pruner": cfg.pruner,
+        "discoverer": cfg.discoverer,
+        "pruner_params": pruner_params.model_dump(mode="json"),
+        "discoverer_params": discoverer_params.model_dump(mode="json"),
+        "seed": seed,
+        "device": cfg.device,
+        "n_search": len(search),
+        "n_eval": len(evaluation),
+        "search_sha256": search.fingerprint(),
+    }
+    speedup = _speedup(
+        {
+            **fields,
+            "task_version": provenance.task_version,
+            "appbench_version": provenance.appbench_version,
+            "git_commit": provenance.git_commit,
+        },
+        cost,
+        path,
+        flag,
+    )
     result = RunResult(
-        task=cfg.task,
-        model=cfg.model,
-        pruner=cfg.pruner,
-        discoverer=cfg.discoverer,
-        pruner_params=pruner_params.model_dump(mode="json"),
-        discoverer_params=discoverer_params.model_dump(mode="json"),
-        seed=seed,
-        device=cfg.device,
-        n_search=len(search),
-        n_eval=len(evaluation),
+        **fields,
         n_layers=ctx.n_layers,
         n_heads=ctx.n_heads,
         total_heads=space.total_heads,
@@ -433,18 +533,9 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
         reference=reference,
         overlap=ov,
         cost=cost,
-        speedup=_speedup(cfg, seed, len(search), cost, path, log),
-        provenance=Provenance(
-            appbench_version=metadata.version("appbench"),
-            git_commit=_git_commit(),
-            created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            command=cfg.command,
-            python=platform.python_version(),
-            libraries=_library_versions(),
-            plugins=[info.__dict__ for info in plugin_infos()],
-            task_version=task.spec.version,
-            model_source=str(getattr(model.cfg, "model_name", cfg.model)),
-        ),
+        speedup=speedup,
+        flags=flags,
+        provenance=provenance,
     )
     result.save(path)
     for impl in get_plugin_manager().hook.appbench_run_finished.get_hookimpls():

@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from appbench.circuit import Head
 
@@ -100,6 +100,27 @@ class TaskData:
             self.prompts,
             self.corrupt_prompts,
         )
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the token ids, targets, answers and templates: equal exactly when two
+        splits hold the same prompts in the same order."""
+        import hashlib
+
+        import torch
+
+        digest = hashlib.sha256()
+        for tensor in (
+            self.clean,
+            self.corrupt,
+            self.target_pos,
+            self.answers,
+            self.wrong,
+            self.groups,
+        ):
+            values = tensor.detach().to("cpu", dtype=torch.int64).contiguous()
+            digest.update(str(tuple(values.shape)).encode())
+            digest.update(values.numpy().tobytes())
+        return digest.hexdigest()
 
     def select(self, index: Sequence[int]) -> TaskData:
         """The prompts at ``index``, in that order."""
@@ -360,6 +381,11 @@ class ReferenceCircuit(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     heads: list[str] = Field(description="head ids, e.g. a9.h6")
+    kind: Literal["ground-truth", "method-derived"] = Field(
+        default="method-derived",
+        description="'ground-truth': built into the model and verified by ablation; "
+        "'method-derived': the output of a discovery method, with its parameters",
+    )
     n_layers: int = Field(gt=0, description="layers of the model")
     n_heads: int = Field(gt=0, description="heads per layer")
     source: str = Field(description="paper or command the circuit comes from")
@@ -370,6 +396,19 @@ class ReferenceCircuit(BaseModel):
         default_factory=dict, description="optional functional classes of heads (name movers, ...)"
     )
     notes: str = Field(default="", description="caveats (MLPs left out, unverified lists, ...)")
+
+    @model_validator(mode="after")
+    def _heads_inside_the_model(self) -> ReferenceCircuit:
+        for head_id in self.heads:
+            try:
+                head = Head.parse(head_id)
+            except ValueError as exc:
+                raise ValueError(f"bad head id {head_id!r}: {exc}") from None
+            if head.layer >= self.n_layers or head.head >= self.n_heads:
+                raise ValueError(
+                    f"head {head_id} lies outside the {self.n_layers}x{self.n_heads} model"
+                )
+        return self
 
     def circuit(self) -> Circuit:
         from appbench.circuit import Circuit

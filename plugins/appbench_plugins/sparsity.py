@@ -348,7 +348,8 @@ def prune_branches(
     window = params.window if params.window is not None else default_window(len(grid))
     if sweeping:
         assert selection is not None
-        curves, m_full = _sweep(ctx, params, selection, branches, scores, grid)
+        with ctx.part("sweep"):
+            curves, m_full = _sweep(ctx, params, selection, branches, scores, grid)
         common.update(
             m_full=m_full,
             grid={"start": grid[0], "stop": grid[-1], "step": params.sweep_step},
@@ -373,6 +374,12 @@ def prune_branches(
             k = keep_count(sparsity, n_total, params.compat)
             if values:
                 details["delta"] = _delta(values)
+        if source == "sweep" and cliff == -1:
+            ctx.flag(
+                "fallback-sparsity",
+                f"{branch.name}: the {branch.rule} cliff rule found no cliff in the sparsity "
+                f"sweep, so the fallback sparsity {params.fallback} was used ({k} heads)",
+            )
         performance = next((pt["performance"] for pt in curve if pt["k"] == k), None)
         details.update(
             source=source,

@@ -1,0 +1,276 @@
+"""Results that look fine but cannot be right are flagged in the file, the table and --json;
+speedups against unlike baselines are refused; stdout stays one JSON document."""
+
+import json
+import sys
+import types
+
+import pytest
+from click.testing import CliRunner
+
+from appbench import hookimpl
+from appbench.cli import _ratio, cli
+from appbench.results import load_result
+
+SMALL = ["--n-search", "30", "--n-eval", "30", "--quiet"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, list(args), obj={})
+
+
+def flag_codes(result):
+    return [flag.code for flag in result.flags]
+
+
+def test_an_empty_circuit_is_flagged_in_the_file_the_table_and_json(tmp_path):
+    # No path carries 5 times the clean-corrupted gap: the circuit is empty, the gap is real.
+    args = ["run", "--pruner", "none", "--discoverer", "pathpatch", "-d", "effect_threshold", "5"]
+    table = invoke(*args, "--out", str(tmp_path), "--n-search", "30", "--n-eval", "10")
+    assert table.exit_code == 0, table.output
+    assert "FLAG empty-circuit" in table.stdout
+    assert "FLAG few-evaluation-prompts" in table.stdout
+    result = load_result(tmp_path / "ioi" / "zoo-multitask" / "none__pathpatch.json")
+    assert result.circuit_size == 0
+    assert {"empty-circuit", "few-evaluation-prompts"} <= set(flag_codes(result))
+    as_json = invoke(*args, "--out", str(tmp_path), "--n-search", "30", "--n-eval", "10", "--json")
+    data = json.loads(as_json.stdout)
+    assert {"empty-circuit", "few-evaluation-prompts"} <= {f["code"] for f in data["flags"]}
+    # Warnings reach stderr too (as progress does), never stdout.
+    assert "warning: the circuit is empty" in as_json.stderr
+
+
+def test_the_reference_is_evaluated_beside_the_circuit(tmp_path):
+    from appbench.interfaces import RunContext
+    from appbench.runner import RunConfig, evaluate_circuit, run
+
+    result, _ = run(
+        RunConfig(
+            pruner="none",
+            discoverer="actpatch",
+            n_search=30,
+            n_eval=40,
+            out=tmp_path,
+        )
+    )
+    assert result.reference is not None and result.reference.faithfulness is not None
+    assert result.reference.kind == "method-derived"
+    # The same number evaluate_circuit gives for the reference heads alone.
+    from appbench.circuit import Head
+    from appbench.models import load_model
+    from appbench.patching import PatchingEngine
+    from appbench.plugins import get_registries
+
+    model = load_model("zoo-multitask")
+    task = get_registries().tasks.get("ioi")
+    search, evaluation = task.splits(model.tokenizer, 30, 40, task.spec.seed)
+    ctx = RunContext(
+        model, "zoo-multitask", task, search, evaluation, "cpu", 0, PatchingEngine(model, task)
+    )
+    alone = evaluate_circuit(ctx, frozenset(Head.parse(h) for h in result.reference.heads))
+    assert result.reference.faithfulness == pytest.approx(alone.normalised, abs=1e-9)
+    unfaithful = result.reference.faithfulness < 0.5
+    assert ("unfaithful-reference" in flag_codes(result)) == unfaithful
+
+
+def test_a_sweep_without_a_cliff_flags_its_fallback_sparsity(tmp_path):
+    # Two sweep points: too few for the cliff window, so the fallback sparsity is used.
+    result = invoke(
+        "run",
+        "--pruner",
+        "cflap",
+        "--discoverer",
+        "pathpatch",
+        "-p",
+        "sweep_start",
+        "0.98",
+        "-p",
+        "selection",
+        "same",
+        "--out",
+        str(tmp_path),
+        *SMALL,
+    )
+    assert result.exit_code == 0, result.output
+    saved = load_result(tmp_path / "ioi" / "zoo-multitask" / "cflap__pathpatch.json")
+    assert "fallback-sparsity" in flag_codes(saved)
+    assert saved.search_space["details"]["fallback_used"]
+    assert "FLAG fallback-sparsity" in result.stdout
+
+
+def test_the_sweep_is_measured_as_a_part_of_pruning(tmp_path):
+    result = invoke(
+        "run",
+        "--pruner",
+        "cflap",
+        "--discoverer",
+        "pathpatch",
+        "--out",
+        str(tmp_path),
+        "-p",
+        "selection",
+        "same",
+        *SMALL,
+    )
+    assert result.exit_code == 0, result.output
+    saved = load_result(tmp_path / "ioi" / "zoo-multitask" / "cflap__pathpatch.json")
+    prune, sweep = saved.cost["prune"], saved.cost["prune.sweep"]
+    assert 0 < sweep.flops < prune.flops and 0 < sweep.wall_seconds <= prune.wall_seconds
+    assert 0 < sweep.prompt_passes < prune.prompt_passes
+    assert "of which sweep" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speedup")
+    result = invoke(
+        "run", "--pruner", "none", "--discoverer", "pathpatch", "--out", str(out), *SMALL
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_speedup_against_the_same_search_reports_what_pruning_paid_and_saved(dense_run):
+    result = invoke(
+        "run",
+        "--pruner",
+        "cflap",
+        "--discoverer",
+        "pathpatch",
+        "-p",
+        "selection",
+        "same",
+        "--out",
+        str(dense_run),
+        *SMALL,
+    )
+    assert result.exit_code == 0, result.output
+    saved = load_result(dense_run / "ioi" / "zoo-multitask" / "cflap__pathpatch.json")
+    dense = load_result(dense_run / "ioi" / "zoo-multitask" / "none__pathpatch.json")
+    s = saved.speedup
+    assert s is not None and "speedup-refused" not in flag_codes(saved)
+    assert s.prune_flops == saved.cost["prune"].flops
+    assert s.saved_discover_flops == pytest.approx(
+        dense.cost["discover"].flops - saved.cost["discover"].flops
+    )
+    total = dense.cost["prune"].flops + dense.cost["discover"].flops
+    assert s.flops_ratio == pytest.approx(total / (s.prune_flops + saved.cost["discover"].flops))
+    # The words match the ratio: never a negative percentage.
+    word = "faster" if s.wall_ratio >= 1 else "slower"
+    assert f"x {word}" in result.stdout or f"x {word}," in result.stdout
+    assert "(-" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (["--seed", "7"], "seed (12345 there, 7 here)"),
+        (["--n-search", "31"], "n_search (30 there, 31 here)"),
+        (["-d", "effect_threshold", "0.1"], "effect_threshold 0.01 there, 0.1 here"),
+    ],
+)
+def test_speedup_against_an_unlike_dense_run_is_refused_naming_the_difference(
+    dense_run, extra, named
+):
+    args = ["run", "--pruner", "cflap", "--discoverer", "pathpatch", "-p", "selection", "same"]
+    args += ["--out", str(dense_run), "--n-eval", "30", "--quiet"]
+    if "--n-search" not in extra:
+        args += ["--n-search", "30"]
+    result = invoke(*args, *extra)
+    assert result.exit_code == 0, result.output
+    saved = load_result(dense_run / "ioi" / "zoo-multitask" / "cflap__pathpatch.json")
+    assert saved.speedup is None
+    [flag] = [f for f in saved.flags if f.code == "speedup-refused"]
+    assert named in flag.message
+    assert "speedup vs none" not in result.stdout
+
+
+def test_a_dense_run_from_other_code_is_refused(dense_run, tmp_path):
+    folder = tmp_path / "ioi" / "zoo-multitask"
+    folder.mkdir(parents=True)
+    data = json.loads((dense_run / "ioi" / "zoo-multitask" / "none__pathpatch.json").read_text())
+    data["provenance"]["git_commit"] = "0" * 40
+    (folder / "none__pathpatch.json").write_text(json.dumps(data))
+    result = invoke(
+        "run",
+        "--pruner",
+        "cflap",
+        "--discoverer",
+        "pathpatch",
+        "-p",
+        "selection",
+        "same",
+        "--out",
+        str(tmp_path),
+        *SMALL,
+    )
+    saved = load_result(folder / "cflap__pathpatch.json")
+    assert saved.speedup is None
+    assert "git commit (0000000000000000000000000000000000000000 there" in saved.flags[-1].message
+    assert result.exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("ratio", "words"),
+    [
+        (2.5, "2.50x faster"),
+        (1.0, "1.00x faster"),
+        (1 / 3.4, "3.40x slower"),
+        (float("nan"), "not comparable"),
+    ],
+)
+def test_ratios_in_words(ratio, words):
+    assert _ratio(ratio) == words
+
+
+def test_json_stays_one_document_when_a_loader_prints(fresh_plugins, tmp_path):
+    from appbench.models import load_model
+
+    module = types.ModuleType("chatty_plugin")
+
+    @hookimpl
+    def appbench_register_models(register):
+        def loader(device):
+            print("loading chatty weights...")  # as TransformerLens's model.to() does
+            sys.stdout.write("more chatter\n")
+            return load_model("zoo-multitask", device)
+
+        register("chatty", loader, "zoo-multitask behind a loader that prints")
+
+    module.appbench_register_models = appbench_register_models
+    fresh_plugins.register_plugin(module, "chatty")
+    result = invoke(
+        "run",
+        "--pruner",
+        "none",
+        "--discoverer",
+        "actpatch",
+        "--model",
+        "chatty",
+        "--json",
+        "--out",
+        str(tmp_path),
+        *SMALL,
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"] == "chatty"
+    assert "loading chatty weights..." in result.stderr
+
+
+# ------------------------------------------------------------------- reference build
+def test_reference_build_refuses_an_empty_reference_unless_asked(tmp_path):
+    args = ["reference", "build", "--task", "ioi", "--model", "zoo-multitask", "--n-search", "30"]
+    args += ["-d", "effect_threshold", "5", "--out", str(tmp_path)]
+    refused = invoke(*args)
+    assert refused.exit_code == 2
+    lines = refused.stderr.strip().splitlines()
+    assert "refusing to write a degenerate reference circuit: the circuit is empty" in lines[-1]
+    assert not (tmp_path / "zoo-multitask.json").exists()
+    allowed = invoke(*args, "--allow-degenerate")
+    assert allowed.exit_code == 0, allowed.output
+    assert (
+        json.loads((tmp_path / "zoo-multitask.json").read_text())["circuits"]["appbench-pathpatch"][
+            "heads"
+        ]
+        == []
+    )
