@@ -604,7 +604,8 @@ def reference_build(
         },
         version=version,
         notes=f"faithfulness on the evaluation split: {result.faithfulness.percent:.1f}% of the full "
-        f"model, normalised {result.faithfulness.normalised}",
+        f"model, normalised {result.faithfulness.normalised}"
+        + (f"; written with --allow-degenerate: {'; '.join(problems)}" if problems else ""),
     )
     ref_file = ReferenceFile(task=task_name, model=model, default=key, circuits=circuits)
     folder.mkdir(parents=True, exist_ok=True)
