@@ -239,7 +239,7 @@ def _summary_table(result: Any, path: Path) -> str:
         c = result.cost[stage]
         rows.append([f"{stage} cost", _cost(c)])
         for name in sorted(k for k in result.cost if k.startswith(f"{stage}.")):
-            rows.append([f"  of which {name.split('.', 1)[1]}", _cost(result.cost[name])])
+            rows.append([f"{name} cost (part of {stage})", _cost(result.cost[name])])
     if result.speedup is not None:
         s = result.speedup
         rows.append(

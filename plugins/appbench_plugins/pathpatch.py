@@ -20,9 +20,10 @@ Every score is (m_patched - m_clean) / (m_clean - m_corrupt), means over prompts
 the metric by at least ``effect_threshold`` of the clean-corrupted gap: ``|R[l,h]| >=
 effect_threshold`` (and, as in every mode, nothing when max|R| <= ``min_value_threshold``).
 A head's selection depends on its own score alone, so pruning other heads away never changes
-it: inside any search space that keeps a circuit's heads, the search finds the same circuit as
-the dense one (property-tested on planted models), and a lone dominant head is found in a
-model of any size. Like ACDC's tau (Conmy et al. 2023), the threshold is absolute.
+it: the search keeps exactly the dense search's edges that it can reach from the logits through
+heads of the search space, so inside any space that keeps a circuit's heads it finds the dense
+circuit (property-tested on planted models), and a lone dominant head is found in a model of
+any size. Like ACDC's tau (Conmy et al. 2023), the threshold is absolute.
 
 The authors' outlier rules (spec §3.3) stay as options: sender (l, h) is selected when
 ``|R[l,h]| - |mu| > base_l * |sigma|``, with mu and sigma (Bessel-corrected, as ``torch.std``)

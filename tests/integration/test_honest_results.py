@@ -117,7 +117,7 @@ def test_the_sweep_is_measured_as_a_part_of_pruning(tmp_path):
     prune, sweep = saved.cost["prune"], saved.cost["prune.sweep"]
     assert 0 < sweep.flops < prune.flops and 0 < sweep.wall_seconds <= prune.wall_seconds
     assert 0 < sweep.prompt_passes < prune.prompt_passes
-    assert "of which sweep" in result.stdout
+    assert "prune.sweep cost (part of prune)" in result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -274,3 +274,44 @@ def test_reference_build_refuses_an_empty_reference_unless_asked(tmp_path):
         "written with --allow-degenerate: the circuit is empty"
         in (written["appbench-pathpatch"]["notes"])
     )
+
+
+# --------------------------------------------------------------------- the default APP run
+def check_app_keeps_the_dense_circuit(seed, out, *size):
+    common = ["--discoverer", "pathpatch", "--seed", str(seed), *size, "--n-eval", "20"]
+    common += ["--out", str(out), "--json", "--quiet"]
+    dense = json.loads(invoke("run", "--pruner", "none", *common).stdout)
+    app = json.loads(invoke("run", "--pruner", "cflap", *common).stdout)
+    assert app["circuit_size"] > 0
+    assert "empty-circuit" not in {flag["code"] for flag in app["flags"]}
+    assert not dense["circuit"]["details"]["early_exit"]
+    # Scores do not depend on the search space and each sender is selected on its own score,
+    # so APP keeps exactly the dense edges it can reach from the logits through heads the
+    # pruner kept (a dense head reached only through a pruned receiver is never scored).
+    space = set(app["search_space"]["heads"])
+    reachable, edges = set(), set()
+    frontier = {"logits"}
+    while frontier:
+        receiver = frontier.pop()
+        for edge in dense["circuit"]["edges"]:
+            sender, _, target = edge.partition("->")
+            if target.split("<")[0] == receiver and sender in space:
+                edges.add(edge)
+                if sender not in reachable:
+                    reachable.add(sender)
+                    frontier.add(sender)
+    assert set(app["circuit"]["heads"]) == reachable
+    assert set(app["circuit"]["edges"]) == edges
+    assert app["speedup"] is not None  # the same search without pruning, so comparable
+
+
+@pytest.mark.parametrize("seed", range(1, 11))
+def test_app_keeps_the_dense_circuit_inside_its_search_space_for_every_seed(seed, tmp_path):
+    # 40 search prompts keep the ten dense searches short; the slow test below uses 100.
+    check_app_keeps_the_dense_circuit(seed, tmp_path, "--n-search", "40")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(1, 11))
+def test_the_default_app_run_keeps_the_dense_circuit_for_every_seed(seed, tmp_path):
+    check_app_keeps_the_dense_circuit(seed, tmp_path)
