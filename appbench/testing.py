@@ -548,6 +548,10 @@ class PlantedCircuit:
     (score about ``-weak_effect``): a real but negligible effect, so a selection rule that
     depends on the other heads' scores can be told apart from one that does not.
 
+    ``signal="sign"`` writes +1 on clean and -1 on corrupted prompts, a change that magnitude
+    statistics cannot see (contrastive FLAP scores such heads 0); ``signal="presence"`` writes
+    +1 and 0, so the corruption changes every chain head's and distractor's activation size.
+
     Use the toy task (:class:`ToyTask`, :func:`planted_context`) with these models.
     """
 
@@ -557,6 +561,7 @@ class PlantedCircuit:
     distractors: frozenset[Head] = frozenset()
     weak: frozenset[Head] = frozenset()
     weak_effect: float = 0.005
+    signal: str = "sign"
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.chain) <= len(_CHAIN_CHANNELS):
@@ -582,6 +587,8 @@ class PlantedCircuit:
             if any(h.layer >= self.n_layers or h.head >= self.n_heads for h in group):
                 raise ValueError("distractor or weak head outside the model")
             used = used | group
+        if self.signal not in ("sign", "presence"):
+            raise ValueError(f"signal must be 'sign' or 'presence', got {self.signal!r}")
         if not 0 < self.weak_effect < 0.5:
             raise ValueError(f"weak_effect must lie in (0, 0.5), got {self.weak_effect}")
 
@@ -619,7 +626,7 @@ class PlantedCircuit:
             attend = wiring.attend_self if local[index] else wiring.attend_position_0
             if via is None:
                 attend(layer, h)
-                wiring.read_signal_token(layer, h)
+                self._read_signal(wiring, layer, h, 1.0)
                 wiring.o(layer, h, channels[index])
             elif via == "q":
                 _query_receiver(wiring, layer, h, channels[index - 1], channels[index])
@@ -631,13 +638,18 @@ class PlantedCircuit:
                 wiring.o(layer, h, channels[index])
         for head in self.distractors:
             wiring.attend_position_0(head.layer, head.head)
-            wiring.read_signal_token(head.layer, head.head)
+            self._read_signal(wiring, head.layer, head.head, 1.0)
             wiring.o(head.layer, head.head, _DISTRACTOR_JUNK)
         # A weak head adds +/- w to the output channel c; the clean metric is 2 (1 + n w) and
         # patching one weak head moves it by 2 w: a score of -w / (1 + n w) ~ -w.
         for head in self.weak:
             wiring.attend_position_0(head.layer, head.head)
-            wiring.v(head.layer, head.head, wiring.vocab["A"], self.weak_effect)
-            wiring.v(head.layer, head.head, wiring.vocab["B"], -self.weak_effect)
+            self._read_signal(wiring, head.layer, head.head, self.weak_effect)
             wiring.o(head.layer, head.head, channels[-1])
         return wiring.unembed(channels[-1])
+
+    def _read_signal(self, wiring: _Wiring, layer: int, head: int, size: float) -> None:
+        """Value ``size`` on A (clean); ``-size`` (sign) or 0 (presence) on B (corrupted)."""
+        wiring.v(layer, head, wiring.vocab["A"], size)
+        if self.signal == "sign":
+            wiring.v(layer, head, wiring.vocab["B"], -size)
