@@ -247,6 +247,7 @@ def shipped_reference(task: Any, model_name: str) -> Reference | None:
     return Reference(
         source=f"{task.name}/reference/{model_name}.json#{key} v{ref.version}: {ref.source} ({ref.method})",
         heads=sorted(ref.heads, key=Head.parse),
+        edges=sorted(ref.edges),
         kind=ref.kind,
     )
 
@@ -394,6 +395,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
     from appbench.plugins import get_plugin_manager, plugin_infos
 
     pruner_cls, pruner_params, discoverer_cls, discoverer_params, task = _resolve(cfg)
+    shipped_reference(task, cfg.model)  # a broken reference file fails before any work is done
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"device {cfg.device!r} requested but CUDA is not available")
     cost: dict[str, StageCost] = {}
