@@ -36,6 +36,8 @@ from appbench.plugins import get_registries
 from appbench.registry import PluginError, UnknownNameError
 from appbench.tasks import (
     PromptPair,
+    ReferenceCircuit,
+    ReferenceFile,
     Task,
     TaskData,
     TaskError,
@@ -80,6 +82,8 @@ __all__ = [
     "PluginError",
     "PromptPair",
     "Pruner",
+    "ReferenceCircuit",
+    "ReferenceFile",
     "RunContext",
     "RunError",
     "SearchSpace",

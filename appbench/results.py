@@ -43,6 +43,9 @@ class Reference(BaseModel):
 
     source: str = Field(description="shipped reference file, or how it was computed in this run")
     heads: list[str] = Field(description="head ids of the reference circuit")
+    edges: list[str] = Field(
+        default_factory=list, description="edges of the reference circuit, when it has them"
+    )
     kind: str = Field(
         default="method-derived",
         description="'ground-truth' (built into the model, verified by ablation) or "

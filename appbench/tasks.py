@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from appbench.circuit import Head
+from appbench.circuit import Edge, Head
 
 if TYPE_CHECKING:
     import torch
@@ -395,6 +395,11 @@ class ReferenceCircuit(BaseModel):
     classes: dict[str, list[str]] = Field(
         default_factory=dict, description="optional functional classes of heads (name movers, ...)"
     )
+    edges: list[str] = Field(
+        default_factory=list,
+        description="optional edges between the circuit's heads, 'a0.h1->a2.h3<k>' and "
+        "'a3.h6->logits' (EAP-IG/MIB names), for edge-level overlap",
+    )
     notes: str = Field(default="", description="caveats (MLPs left out, unverified lists, ...)")
 
     @model_validator(mode="after")
@@ -408,6 +413,12 @@ class ReferenceCircuit(BaseModel):
                 raise ValueError(
                     f"head {head_id} lies outside the {self.n_layers}x{self.n_heads} model"
                 )
+        members = set(self.heads)
+        for edge_id in self.edges:
+            edge = Edge.parse(edge_id)
+            ends = [edge.sender] + ([edge.receiver] if edge.receiver is not None else [])
+            if any(end.id not in members for end in ends):
+                raise ValueError(f"edge {edge_id} joins a head outside the circuit")
         return self
 
     def circuit(self) -> Circuit:
