@@ -39,6 +39,78 @@ RECIPES = {
     ),
 }
 
+#: Ground-truth models: each task's behaviour runs through a designated chain of heads (one
+#: per layer, strictly increasing), trained by SIIT and verified by ablation.
+GROUND_TRUTH_CIRCUITS = {
+    "ioi": (
+        ("a0.h3", "duplicate-token: finds the repeated name"),
+        ("a1.h5", "S-inhibition: marks the subject"),
+        ("a2.h1", "name mover: moves the other name"),
+        ("a3.h6", "output: writes the answer"),
+    ),
+    "greater_than": (
+        ("a0.h1", "year reader: reads the start year's tens"),
+        ("a1.h2", "mover: carries the year to the end"),
+        ("a2.h7", "comparator: builds the later-year preference"),
+        ("a3.h0", "output: writes the later years"),
+    ),
+    "induction": (
+        ("a0.h6", "previous-token: copies each token's predecessor"),
+        ("a1.h0", "induction: attends to the token after the earlier match"),
+        ("a2.h4", "mover: carries the completion"),
+        ("a3.h2", "output: writes the completion"),
+    ),
+    "gendered_pronouns": (
+        ("a0.h2", "name reader: reads the name"),
+        ("a1.h7", "gender: carries the name's gender"),
+        ("a2.h5", "mover: carries it to the end"),
+        ("a3.h4", "output: writes the pronoun"),
+    ),
+    "docstring": (
+        ("a0.h5", "parameter reader: reads the signature's names"),
+        ("a1.h3", "previous-token: links each name to its position"),
+        ("a2.h0", "induction: finds the next parameter"),
+        ("a3.h7", "output: writes its name"),
+    ),
+}
+
+#: What each task's interchange loss asks of a designated head's ablation (siit module): in a
+#: serial chain every head passes everything on, so ablating any one gives the corrupted output.
+INTERCHANGE_TARGETS = {
+    "ioi": "corrupted-output",
+    "greater_than": "corrupted-output",
+    "induction": "both",
+    "gendered_pronouns": "corrupted-output",
+    "docstring": "corrupted-output",
+}
+
+#: Tasks whose ground-truth model trains to every verification goal (the others do not yet:
+#: see the README's model zoo section).
+GROUND_TRUTH_TASKS = ("greater_than", "induction", "gendered_pronouns")
+
+
+def ground_truth_recipe(task: str) -> Recipe:
+    """The recipe of ``zoo-gt-<task>``: 4 layers x 8 heads with MLPs, one task, SIIT."""
+    return Recipe(
+        name=f"zoo-gt-{task}",
+        tasks=(task,),
+        description=(
+            f"Ground truth for {task}: 4 layers x 8 heads with MLPs, trained by SIIT so that "
+            f"the task runs through a designated chain of 4 heads, verified by ablation (see "
+            f"its model card)."
+        ),
+        n_ctx=64,
+        d_mlp=256,
+        batch_size=48,
+        steps=1000,
+        circuits={task: GROUND_TRUTH_CIRCUITS[task]},
+        interchange_targets={task: INTERCHANGE_TARGETS.get(task, "necessity")},
+        consistency_weight=4.0,
+    )
+
+
+RECIPES.update({f"zoo-gt-{task}": ground_truth_recipe(task) for task in GROUND_TRUTH_TASKS})
+
 #: The model `appbench run` uses when --model is not given.
 DEFAULT_MODEL = "zoo-multitask"
 
@@ -103,10 +175,91 @@ def appbench_register_commands(cli):
         tasks = {t: registry.get(t) for t in recipe.tasks}
         log = lambda line: click.echo(line, err=True)  # noqa: E731
         model, config, report = run_training(recipe, tasks, log)
+        missed: list[str] = []
+        if recipe.circuits:
+            from appbench_plugins.zoo.verify import meets_goals
+
+            report["ground_truth"] = verify_recipe(recipe, model, tasks, log)
+            missed = [
+                f"{task}: {miss}"
+                for task, figures in report["ground_truth"].items()
+                for miss in meets_goals(figures)
+            ]
+        if missed and out is None:
+            # An answer key that fails its own verification is not installed over the zoo's.
+            raise click.ClickException(
+                f"{name} misses its ground-truth goals ({'; '.join(missed)}); the zoo is left "
+                "as it was (pass --out DIR to keep these weights for inspection)"
+            )
         folder = out or Path(str(weights_folder(name)))
         save_model_folder(model, folder, config, model_card(recipe, config, report))
         for task, result in report["tasks"].items():
             log(
                 f"{task}: accuracy {result['accuracy']:.3f}, mean metric {result['mean_metric']:.3f}"
             )
+        if recipe.circuits and out is None:
+            for task, figures in report["ground_truth"].items():
+                path = write_ground_truth_reference(recipe, tasks[task], figures)
+                log(f"{task}: ground-truth reference written to {path}")
         click.echo(str(folder))
+
+
+def verify_recipe(recipe: Recipe, model, tasks: dict, log) -> dict:
+    """Verify every designated circuit of ``recipe`` on its task's evaluation split."""
+    from appbench_plugins.zoo.verify import meets_goals, verify_circuit
+
+    verified = {}
+    for task_name in recipe.circuits:
+        task = tasks[task_name]
+        _, evaluation = task.splits(model.tokenizer)
+        figures = verify_circuit(
+            model, task, frozenset(recipe.circuit_heads(task_name)), evaluation
+        )
+        missed = meets_goals(figures)
+        log(
+            f"{task_name}: ground truth faithfulness {figures['faithfulness_mean']:.3f} (mean) "
+            f"{figures['faithfulness_resample']:.3f} (resample); "
+            + ("meets every goal" if not missed else "MISSES " + "; ".join(missed))
+        )
+        verified[task_name] = figures
+    return verified
+
+
+def write_ground_truth_reference(recipe: Recipe, task, figures: dict) -> Path:
+    """Record a verified designated circuit as the task's ground-truth reference for the model."""
+    from appbench import ReferenceCircuit, ReferenceFile
+    from appbench_plugins.zoo.verify import meets_goals
+
+    circuit = recipe.circuits[task.name]
+    necessity = ", ".join(f"{h} {v:.3f}" for h, v in figures["necessity"].items())
+    missed = meets_goals(figures)
+    reference = ReferenceCircuit(
+        heads=[head for head, _ in circuit],
+        kind="ground-truth",
+        n_layers=recipe.n_layers,
+        n_heads=recipe.n_heads,
+        source=f"designated circuit of {recipe.name}, trained by `appbench zoo train "
+        f"{recipe.name}` (SIIT, seed {recipe.seed})",
+        method="built into the model by strict interchange-intervention training; verified by "
+        "ablation on the evaluation split",
+        parameters={"steps": recipe.steps, "batch_size": recipe.batch_size, "seed": recipe.seed},
+        version="1.0",
+        classes={role.split(":")[0]: [head] for head, role in circuit},
+        edges=figures["edges"],
+        notes=f"accuracy {figures['accuracy']:.3f}; normalised faithfulness with every other "
+        f"head mean-ablated {figures['faithfulness_mean']:.3f}, resample-ablated "
+        f"{figures['faithfulness_resample']:.3f}; gap lost when each head alone is "
+        f"mean-ablated: {necessity}"
+        + (f"; MISSES: {'; '.join(missed)}" if missed else "; meets every goal"),
+    )
+    folder = Path(str(resources.files(task.package).joinpath("reference")))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{recipe.name}.json"
+    existing = task.reference_file(recipe.name)
+    circuits = dict(existing.circuits) if existing else {}
+    circuits["ground-truth"] = reference
+    ref_file = ReferenceFile(
+        task=task.name, model=recipe.name, default="ground-truth", circuits=circuits
+    )
+    path.write_text(ref_file.model_dump_json(indent=2) + "\n")
+    return path

@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
-from appbench import build_model, tokenize_pairs, word_level_tokenizer
+from appbench import Head, build_model, tokenize_pairs, word_level_tokenizer
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,23 @@ class Recipe:
     n_train: int = 20000
     seed: int = 0
     extra: dict = field(default_factory=dict)
+    #: Ground truth: task -> the designated circuit, ((head id, role), ...). With circuits the
+    #: model is trained by SIIT (:mod:`appbench_plugins.zoo.siit`) so that each task runs
+    #: through its circuit and every other head is irrelevant to it.
+    circuits: dict = field(default_factory=dict)
+    #: SIIT curriculum: the interchange loss joins after this fraction of the steps, once the
+    #: circuits alone can answer (the strict loss from the start).
+    interchange_from: float = 0.4
+    #: What the interchange loss asks of a designated head's ablation: "necessity" or
+    #: "corrupted-output" (see :mod:`appbench_plugins.zoo.siit`); per task, default necessity.
+    interchange_targets: dict = field(default_factory=dict)
+    #: Weight of SIIT's strict log-probability match: raise it when the circuit alone comes out
+    #: more faithful than the whole model (the other heads then work against the task).
+    consistency_weight: float = 1.0
+
+    def circuit_heads(self, task: str) -> tuple[Head, ...]:
+        """The designated heads of ``task``, in chain order."""
+        return tuple(Head.parse(head_id) for head_id, _ in self.circuits.get(task, ()))
 
     def model_config(self, d_vocab: int) -> dict:
         return {
@@ -118,6 +135,14 @@ def train(recipe: Recipe, tasks: dict, log=print):
         train_sets[name] = tokenize_pairs(tokenizer, pairs, name)
         eval_sets[name] = evaluation
 
+    masks = {}
+    if recipe.circuits:
+        from appbench_plugins.zoo.siit import circuit_mask, siit_losses
+
+        masks = {
+            name: circuit_mask(recipe.circuit_heads(name), recipe.n_layers, recipe.n_heads)
+            for name in recipe.circuits
+        }
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay
     )
@@ -132,16 +157,33 @@ def train(recipe: Recipe, tasks: dict, log=print):
         name = names[step % len(names)]
         data = train_sets[name]
         idx = torch.randint(len(data), (recipe.batch_size,), generator=generator)
-        # Only the target position is trained, so only it is unembedded.
-        final = model(data.clean[idx], stop_at_layer=config["n_layers"])
-        at_target = final[torch.arange(len(idx)), data.target_pos[idx]][:, None]
-        logits = model.unembed(model.ln_final(at_target))[:, 0]
-        loss = answer_set_loss(logits, data.answers[idx])
+        if name in masks:
+            parts = siit_losses(
+                model,
+                data.select(idx.tolist()),
+                masks[name],
+                step,
+                generator,
+                answer_set_loss,
+                recipe.interchange_targets.get(name, "necessity"),
+                recipe.consistency_weight,
+            )
+            if step < recipe.interchange_from * recipe.steps:
+                parts.pop("interchange")
+            loss = torch.stack(list(parts.values())).sum()
+        else:
+            # Only the target position is trained, so only it is unembedded.
+            final = model(data.clean[idx], stop_at_layer=config["n_layers"])
+            at_target = final[torch.arange(len(idx)), data.target_pos[idx]][:, None]
+            logits = model.unembed(model.ln_final(at_target))[:, 0]
+            parts = {"task": answer_set_loss(logits, data.answers[idx])}
+            loss = parts["task"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if step % 100 == 0 or step == recipe.steps - 1:
-            log(f"step {step:5d}  task {name:<16} loss {loss.item():.4f}")
+            detail = "  ".join(f"{k} {v.item():.4f}" for k, v in parts.items())
+            log(f"step {step:5d}  task {name:<17} {detail}")
     model.eval()
     seconds = time.perf_counter() - started
     report = {
@@ -194,4 +236,59 @@ Training took {report["train_seconds"]} s on the machine that trained it.
 | task | top-1 accuracy (argmax is a correct answer) | mean task metric (see the task README) | mean metric on the corrupted prompts |
 |---|---|---|---|
 {rows}
-"""
+""" + ground_truth_card(recipe, report.get("ground_truth", {}))
+
+
+def ground_truth_card(recipe: Recipe, verified: dict) -> str:
+    """The model card's ground-truth section: designated circuits and their verification."""
+    if not recipe.circuits:
+        return ""
+    from appbench_plugins.zoo.verify import (
+        ACCURACY_GOAL,
+        EDGE_THRESHOLD,
+        FAITHFULNESS_GOAL,
+        FAITHFULNESS_TOLERANCE,
+        NECESSITY_GOAL,
+    )
+
+    targets = ", ".join(
+        f"{task} {recipe.interchange_targets.get(task, 'necessity')}" for task in recipe.circuits
+    )
+    lines = [
+        "",
+        "## Ground truth",
+        "",
+        "Trained by strict interchange-intervention training (SIIT, Gupta et al. 2024; see",
+        "`appbench_plugins/zoo/siit.py`): besides the task loss, every head outside a task's",
+        "designated circuit is ablated (its paired corrupted activation, a resampled one of the",
+        "same template, or the per-template corrupted mean, in turn) and the circuit alone must",
+        "still answer, with the whole model's log-probabilities (weight",
+        f"{recipe.consistency_weight}); and, from {recipe.interchange_from:.0%} of the steps on,",
+        "one designated head at a time takes the ablated activation and the model must lose the",
+        f"answer (interchange target per task: {targets}). Roles are the intended chain; the",
+        "edges are measured, not declared.",
+        "",
+        "Verification on the task's evaluation split (recomputed by the test suite): accuracy",
+        f"(goal >= {ACCURACY_GOAL}); normalised faithfulness of the circuit with every other head",
+        f"mean- or resample-ablated (goal {FAITHFULNESS_GOAL} to {1 + FAITHFULNESS_TOLERANCE:.2f}:",
+        "the other heads neither carry the task nor work against it); the share of the gap lost",
+        f"when each designated head alone is mean-ablated (goal >= {NECESSITY_GOAL}); and the",
+        f"path-patching edges between designated heads that carry at least {EDGE_THRESHOLD} of",
+        "the gap.",
+        "",
+        "| task | designated heads (role) | accuracy | faithfulness mean / resample | necessity per head | edges |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task, circuit in recipe.circuits.items():
+        figures = verified.get(task)
+        heads = ", ".join(f"{head} ({role})" for head, role in circuit)
+        if figures is None:
+            lines.append(f"| {task} | {heads} | not verified | | | |")
+            continue
+        necessity = ", ".join(f"{h} {v:.2f}" for h, v in figures["necessity"].items())
+        lines.append(
+            f"| {task} | {heads} | {figures['accuracy'] * 100:.1f}% | "
+            f"{figures['faithfulness_mean']:.3f} / {figures['faithfulness_resample']:.3f} | "
+            f"{necessity} | {', '.join(figures['edges']) or '(none)'} |"
+        )
+    return "\n".join(lines) + "\n"
