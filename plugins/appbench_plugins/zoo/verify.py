@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from appbench import Head
+from appbench_plugins.zoo.siit import same_template_partner
 
 #: Goals of a ground-truth circuit (issue: "a model zoo whose circuits are known"). Faithfulness
 #: must lie within FAITHFULNESS_TOLERANCE of 1 on both sides: a circuit far *more* faithful than
@@ -42,13 +43,7 @@ def _normalised(m_model: float, m_empty: float, value: float) -> float:
 def resample_sources(z_corrupt: torch.Tensor, groups: torch.Tensor, seed: int) -> torch.Tensor:
     """For every prompt, the corrupted ``hook_z`` of a random other prompt of its template:
     [L, N, T, H, d] (a prompt alone in its template keeps its own corrupted activation)."""
-    generator = torch.Generator().manual_seed(seed)
-    partner = torch.arange(len(groups))
-    for group in groups.unique().tolist():
-        rows = (groups == group).nonzero().flatten()
-        if len(rows) > 1:
-            shift = int(torch.randint(1, len(rows), (1,), generator=generator))
-            partner[rows] = rows.roll(shift)
+    partner = same_template_partner(groups, torch.Generator().manual_seed(seed))
     return z_corrupt[:, partner]
 
 
