@@ -15,6 +15,24 @@ from appbench.results import load_result
 SMALL = ["--n-search", "30", "--n-eval", "30", "--quiet"]
 
 
+def run_app(out, *extra):
+    """APP (cflap then pathpatch, sweep on the search prompts) on the small IOI setup."""
+    return invoke(
+        "run",
+        "--pruner",
+        "cflap",
+        "--discoverer",
+        "pathpatch",
+        "-p",
+        "selection",
+        "same",
+        *extra,
+        "--out",
+        str(out),
+        *SMALL,
+    )
+
+
 def invoke(*args):
     return CliRunner().invoke(cli, list(args), obj={})
 
@@ -75,22 +93,7 @@ def test_the_reference_is_evaluated_beside_the_circuit(tmp_path):
 
 def test_a_sweep_without_a_cliff_flags_its_fallback_sparsity(tmp_path):
     # Two sweep points: too few for the cliff window, so the fallback sparsity is used.
-    result = invoke(
-        "run",
-        "--pruner",
-        "cflap",
-        "--discoverer",
-        "pathpatch",
-        "-p",
-        "sweep_start",
-        "0.98",
-        "-p",
-        "selection",
-        "same",
-        "--out",
-        str(tmp_path),
-        *SMALL,
-    )
+    result = run_app(tmp_path, "-p", "sweep_start", "0.98")
     assert result.exit_code == 0, result.output
     saved = load_result(tmp_path / "ioi" / "zoo-multitask" / "cflap__pathpatch.json")
     assert "fallback-sparsity" in flag_codes(saved)
@@ -99,19 +102,7 @@ def test_a_sweep_without_a_cliff_flags_its_fallback_sparsity(tmp_path):
 
 
 def test_the_sweep_is_measured_as_a_part_of_pruning(tmp_path):
-    result = invoke(
-        "run",
-        "--pruner",
-        "cflap",
-        "--discoverer",
-        "pathpatch",
-        "--out",
-        str(tmp_path),
-        "-p",
-        "selection",
-        "same",
-        *SMALL,
-    )
+    result = run_app(tmp_path)
     assert result.exit_code == 0, result.output
     saved = load_result(tmp_path / "ioi" / "zoo-multitask" / "cflap__pathpatch.json")
     prune, sweep = saved.cost["prune"], saved.cost["prune.sweep"]
@@ -131,19 +122,7 @@ def dense_run(tmp_path_factory):
 
 
 def test_speedup_against_the_same_search_reports_what_pruning_paid_and_saved(dense_run):
-    result = invoke(
-        "run",
-        "--pruner",
-        "cflap",
-        "--discoverer",
-        "pathpatch",
-        "-p",
-        "selection",
-        "same",
-        "--out",
-        str(dense_run),
-        *SMALL,
-    )
+    result = run_app(dense_run)
     assert result.exit_code == 0, result.output
     saved = load_result(dense_run / "ioi" / "zoo-multitask" / "cflap__pathpatch.json")
     dense = load_result(dense_run / "ioi" / "zoo-multitask" / "none__pathpatch.json")
@@ -191,19 +170,7 @@ def test_a_dense_run_from_other_code_is_refused(dense_run, tmp_path):
     data = json.loads((dense_run / "ioi" / "zoo-multitask" / "none__pathpatch.json").read_text())
     data["provenance"]["git_commit"] = "0" * 40
     (folder / "none__pathpatch.json").write_text(json.dumps(data))
-    result = invoke(
-        "run",
-        "--pruner",
-        "cflap",
-        "--discoverer",
-        "pathpatch",
-        "-p",
-        "selection",
-        "same",
-        "--out",
-        str(tmp_path),
-        *SMALL,
-    )
+    result = run_app(tmp_path)
     saved = load_result(folder / "cflap__pathpatch.json")
     assert saved.speedup is None
     assert "git commit (0000000000000000000000000000000000000000 there" in saved.flags[-1].message
