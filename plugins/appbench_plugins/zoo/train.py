@@ -263,10 +263,16 @@ def ground_truth_card(recipe: Recipe, verified: dict) -> str:
         "designated circuit is ablated (its paired corrupted activation, a resampled one of the",
         "same template, or the per-template corrupted mean, in turn) and the circuit alone must",
         "still answer, with the whole model's log-probabilities (weight",
-        f"{recipe.consistency_weight}); and, from {recipe.interchange_from:.0%} of the steps on,",
-        "one designated head at a time takes the ablated activation and the model must lose the",
-        f"answer (interchange target per task: {targets}). Roles are the intended chain; the",
-        "edges are measured, not declared.",
+        f"{recipe.consistency_weight})"
+        + (
+            f"; and, from {recipe.interchange_from:.0%} of the steps on, one designated head at "
+            "a time takes the ablated activation and the model must lose the answer "
+            f"(interchange target per task: {targets})."
+            if recipe.interchange_from < 1
+            else "; no interchange step (the strict step alone left every designated head "
+            "necessary, as verified below)."
+        ),
+        "Roles are the intended chain; the edges are measured, not declared.",
         "",
         "Verification on the task's evaluation split (recomputed by the test suite): accuracy",
         f"(goal >= {ACCURACY_GOAL}); normalised faithfulness of the circuit with every other head",
