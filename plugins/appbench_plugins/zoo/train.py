@@ -96,9 +96,9 @@ def answer_set_loss(logits, answers):
     the start year, which leaves nothing for a corruption of that year to change; spreading
     the target over the whole set makes the answer depend on it, as the task intends.
     """
-    valid = answers >= 0
-    log_probs = logits.log_softmax(dim=1).gather(1, answers.clamp(min=0))
-    return -((log_probs * valid).sum(dim=1) / valid.sum(dim=1)).mean()
+    from appbench_plugins.zoo.siit import answer_logprob
+
+    return -answer_logprob(logits, answers).mean()
 
 
 def _generate_up_to(task, tokenizer, n, seed):
@@ -172,10 +172,10 @@ def train(recipe: Recipe, tasks: dict, log=print):
                 parts.pop("interchange")
             loss = torch.stack(list(parts.values())).sum()
         else:
+            from appbench_plugins.zoo.siit import final_at_targets
+
             # Only the target position is trained, so only it is unembedded.
-            final = model(data.clean[idx], stop_at_layer=config["n_layers"])
-            at_target = final[torch.arange(len(idx)), data.target_pos[idx]][:, None]
-            logits = model.unembed(model.ln_final(at_target))[:, 0]
+            logits = final_at_targets(model, data.clean[idx], data.target_pos[idx], [])
             parts = {"task": answer_set_loss(logits, data.answers[idx])}
             loss = parts["task"]
         optimizer.zero_grad()
