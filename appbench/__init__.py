@@ -50,7 +50,7 @@ from appbench.tasks import (
     tokenize_pairs,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 #: Names served lazily: their modules import torch, which `appbench --help` must not pay for.
 _LAZY = {"PatchingEngine": "appbench.patching", "PathPatcher": "appbench.patching"}

@@ -276,9 +276,10 @@ def _summary_table(result: Any, path: Path) -> str:
 )
 @click.option(
     "--model",
-    default="zoo-multitask",
-    show_default=True,
-    help="Registered model (see `appbench models list`), a TransformerLens model name or a local Hugging Face model directory.",
+    default=None,
+    help="Registered model (see `appbench models list`), a TransformerLens model name or a "
+    "local Hugging Face model directory. Default: the task's ground-truth zoo model "
+    "zoo-gt-TASK, or zoo-multitask for a task without one.",
 )
 @click.option("--seed", type=int, default=None, help="Prompt seed (default: the task's own).")
 @click.option(
@@ -328,7 +329,7 @@ def run(
     pruner: str,
     discoverer: str,
     task: str,
-    model: str,
+    model: str | None,
     seed: int | None,
     device: str,
     n_search: int | None,
@@ -348,14 +349,14 @@ def run(
       appbench run --pruner none --discoverer actpatch -d threshold 0.05 --json
       appbench run --pruner cflap --discoverer pathpatch --model gpt2 --device cuda
     """
-    from appbench.runner import RunConfig
+    from appbench.runner import RunConfig, default_model
     from appbench.runner import run as run_once
 
     config = RunConfig(
         pruner=pruner,
         discoverer=discoverer,
         task=task,
-        model=model,
+        model=model if model is not None else default_model(task),
         seed=seed,
         device=device,
         n_search=n_search,

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from appbench import metrics
 from appbench.circuit import Circuit, Head, SearchSpace
@@ -42,10 +42,21 @@ from appbench.results import (
     result_path,
 )
 
-#: The model `appbench run` uses when --model is not given.
+#: The model `appbench run` uses when --model is not given and the task has no ground-truth
+#: zoo model (see default_model).
 DEFAULT_MODEL = "zoo-multitask"
 DEFAULT_TASK = "ioi"
 DEFAULT_OUT = Path("appbench-results")
+
+
+def default_model(task: str) -> str:
+    """The model a run of ``task`` uses when none is named: the task's ground-truth zoo model
+    ``zoo-gt-<task>`` where one is registered (its circuit is known, so overlap means something),
+    otherwise the multitask zoo model, which runs every built-in task."""
+    from appbench.plugins import get_registries
+
+    ground_truth = f"zoo-gt-{task}"
+    return ground_truth if ground_truth in get_registries().models.names() else DEFAULT_MODEL
 
 
 class RunConfig(BaseModel):
@@ -57,7 +68,7 @@ class RunConfig(BaseModel):
     discoverer: str = Field(description="discoverer name")
     task: str = Field(default=DEFAULT_TASK, description="task name")
     model: str = Field(
-        default=DEFAULT_MODEL, description="registered model or TransformerLens name"
+        description="registered model or TransformerLens name; default: default_model(task)"
     )
     seed: int | None = Field(default=None, description="prompt seed; default: the task's own")
     device: str = Field(default="cpu", description="torch device, e.g. cpu or cuda")
@@ -78,6 +89,14 @@ class RunConfig(BaseModel):
         description="without a shipped reference circuit, compute the dense actpatch circuit "
         "(one activation-patching pass per head) to measure overlap against; false skips overlap",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_model(cls, data: Any) -> Any:
+        """No model named (absent or None): the task's default model."""
+        if isinstance(data, dict) and data.get("model") is None:
+            data = {**data, "model": default_model(data.get("task") or DEFAULT_TASK)}
+        return data
 
 
 # ------------------------------------------------------------------ cost counting

@@ -1,4 +1,4 @@
-"""The command line on the built-in default model: output, result files and bad input."""
+"""The command line on the zoo models: output, result files and bad input."""
 
 import json
 
@@ -27,9 +27,10 @@ def test_list_json_shows_the_builtins():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A dense and a pruned actpatch run on the default model, in one results folder."""
+    """A dense and a pruned actpatch run on the multitask zoo model, in one results folder."""
     out = tmp_path_factory.mktemp("results")
-    common = ["--out", str(out), "--n-search", "40", "--n-eval", "60", "--quiet"]
+    common = ["--model", "zoo-multitask", "--out", str(out), "--n-search", "40", "--n-eval", "60"]
+    common.append("--quiet")
     dense = invoke("run", "--pruner", "none", "--discoverer", "actpatch", *common)
     pruned = invoke(
         "run", "--pruner", "magnitude", "--discoverer", "actpatch", "-p", "fraction", "0.5", *common
@@ -132,6 +133,8 @@ def test_corrupt_baseline_does_not_lose_the_new_result(tmp_path):
         "magnitude",
         "--discoverer",
         "actpatch",
+        "--model",
+        "zoo-multitask",
         "--out",
         str(tmp_path),
         "--n-search",
@@ -164,7 +167,7 @@ def test_reference_build_runs_the_dense_discoverer_and_records_provenance(tmp_pa
     circuit = data["circuits"]["appbench-pathpatch"]
     assert data["default"] == "appbench-pathpatch" and circuit["version"] == "1.0"
     assert circuit["parameters"]["n_search"] == 30 and circuit["heads"]
-    assert "(appbench 0.2.0, commit " in circuit["source"]  # the command line is sys.argv
+    assert "(appbench 0.3.0, commit " in circuit["source"]  # the command line is sys.argv
     assert "faithfulness on the evaluation split" in circuit["notes"]
 
 
@@ -209,3 +212,23 @@ def test_reference_build_rejects_unusable_results_in_one_line(
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.output
     assert not (tmp_path / "zoo-multitask.json").exists()
+
+
+# ------------------------------------------------------------------- the default run
+def test_the_default_app_run_finds_the_ground_truth_and_pruning_pays_for_itself(tmp_path):
+    """`appbench run --pruner cflap --discoverer pathpatch` as the quick start runs it: on IOI's
+    ground-truth model, APP finds the designated chain and spends fewer FLOPs than the dense
+    search it is compared with (wall time is a benchmark's business, not a test's)."""
+    common = ["--discoverer", "pathpatch", "--out", str(tmp_path), "--json", "--quiet"]
+    dense = invoke("run", "--pruner", "none", *common)
+    app = invoke("run", "--pruner", "cflap", *common)
+    assert dense.exit_code == 0 and app.exit_code == 0, dense.output + app.output
+    dense_result, app_result = json.loads(dense.stdout), json.loads(app.stdout)
+    assert app_result["model"] == dense_result["model"] == "zoo-gt-ioi"
+    truth = {"a0.h3", "a1.h5", "a2.h1", "a3.h6"}
+    assert set(dense_result["circuit"]["heads"]) == set(app_result["circuit"]["heads"]) == truth
+    assert app_result["reference"]["kind"] == "ground-truth"
+    assert app_result["overlap"]["f1"] == 1.0 and not app_result["flags"]
+    assert app_result["search_space_size"] < 32
+    # FLOPs of prune + discover against the dense search: the sweep costs less than it saves.
+    assert app_result["speedup"]["flops_ratio"] > 1.0

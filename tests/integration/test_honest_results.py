@@ -12,6 +12,9 @@ from appbench import hookimpl
 from appbench.cli import _ratio, cli
 from appbench.results import load_result
 
+# The multitask zoo model: its dense circuits (about 12 heads) are richer than a ground-truth
+# model's chain, which is what these checks need.
+MULTITASK = ["--model", "zoo-multitask"]
 SMALL = ["--n-search", "30", "--n-eval", "30", "--quiet"]
 
 
@@ -29,6 +32,7 @@ def run_app(out, *extra):
         *extra,
         "--out",
         str(out),
+        *MULTITASK,
         *SMALL,
     )
 
@@ -44,6 +48,7 @@ def flag_codes(result):
 def test_an_empty_circuit_is_flagged_in_the_file_the_table_and_json(tmp_path):
     # No path carries 5 times the clean-corrupted gap: the circuit is empty, the gap is real.
     args = ["run", "--pruner", "none", "--discoverer", "pathpatch", "-d", "effect_threshold", "5"]
+    args += MULTITASK
     table = invoke(*args, "--out", str(tmp_path), "--n-search", "30", "--n-eval", "10")
     assert table.exit_code == 0, table.output
     assert "FLAG empty-circuit" in table.stdout
@@ -66,6 +71,7 @@ def test_the_reference_is_evaluated_beside_the_circuit(tmp_path):
         RunConfig(
             pruner="none",
             discoverer="actpatch",
+            model="zoo-multitask",
             n_search=30,
             n_eval=40,
             out=tmp_path,
@@ -115,7 +121,15 @@ def test_the_sweep_is_measured_as_a_part_of_pruning(tmp_path):
 def dense_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("speedup")
     result = invoke(
-        "run", "--pruner", "none", "--discoverer", "pathpatch", "--out", str(out), *SMALL
+        "run",
+        "--pruner",
+        "none",
+        "--discoverer",
+        "pathpatch",
+        "--out",
+        str(out),
+        *MULTITASK,
+        *SMALL,
     )
     assert result.exit_code == 0, result.output
     return out
@@ -152,7 +166,7 @@ def test_speedup_against_an_unlike_dense_run_is_refused_naming_the_difference(
     dense_run, extra, named
 ):
     args = ["run", "--pruner", "cflap", "--discoverer", "pathpatch", "-p", "selection", "same"]
-    args += ["--out", str(dense_run), "--n-eval", "30", "--quiet"]
+    args += ["--out", str(dense_run), "--n-eval", "30", "--quiet", *MULTITASK]
     if "--n-search" not in extra:
         args += ["--n-search", "30"]
     result = invoke(*args, *extra)
@@ -245,7 +259,8 @@ def test_reference_build_refuses_an_empty_reference_unless_asked(tmp_path):
 
 # --------------------------------------------------------------------- the default APP run
 def check_app_keeps_the_dense_circuit(seed, out, *size):
-    common = ["--discoverer", "pathpatch", "--seed", str(seed), *size, "--n-eval", "20"]
+    common = ["--discoverer", "pathpatch", *MULTITASK, "--seed", str(seed)]
+    common += [*size, "--n-eval", "20"]
     common += ["--out", str(out), "--json", "--quiet"]
     dense = json.loads(invoke("run", "--pruner", "none", *common).stdout)
     app = json.loads(invoke("run", "--pruner", "cflap", *common).stdout)

@@ -4,7 +4,7 @@ import pytest
 
 from appbench import load_model
 from appbench.plugins import get_registries
-from appbench_plugins.zoo import DEFAULT_MODEL, RECIPES
+from appbench_plugins.zoo import GROUND_TRUTH_TASKS, RECIPES
 from appbench_plugins.zoo.train import evaluate
 
 
@@ -35,9 +35,17 @@ def test_zoo_model_shapes(zoo):
     assert model.cfg.attn_only == RECIPES[name].attn_only
 
 
-def test_the_default_model_is_the_multitask_model():
-    from appbench.runner import DEFAULT_MODEL as RUNNER_DEFAULT
+def test_the_default_model_is_the_tasks_ground_truth_model_else_the_multitask_model():
+    from appbench.runner import DEFAULT_MODEL, RunConfig, default_model
 
-    assert DEFAULT_MODEL == RUNNER_DEFAULT == "zoo-multitask"
-    assert set(RECIPES["zoo-multitask"].tasks) == set(get_registries().tasks.names())
+    tasks = set(get_registries().tasks.names())
+    for task in tasks:
+        expected = f"zoo-gt-{task}" if task in GROUND_TRUTH_TASKS else "zoo-multitask"
+        assert default_model(task) == expected
+        assert RunConfig(pruner="none", discoverer="actpatch", task=task).model == expected
+    assert default_model("ioi") == "zoo-gt-ioi"
+    assert RunConfig(pruner="none", discoverer="actpatch", model="gpt2").model == "gpt2"
+    # The fallback runs every built-in task.
+    assert DEFAULT_MODEL == "zoo-multitask"
+    assert set(RECIPES["zoo-multitask"].tasks) == tasks
     assert not RECIPES["zoo-multitask"].attn_only

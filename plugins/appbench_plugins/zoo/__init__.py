@@ -117,9 +117,6 @@ def ground_truth_recipe(task: str) -> Recipe:
 
 RECIPES.update({f"zoo-gt-{task}": ground_truth_recipe(task) for task in GROUND_TRUTH_TASKS})
 
-#: The model `appbench run` uses when --model is not given.
-DEFAULT_MODEL = "zoo-multitask"
-
 
 def weights_folder(name: str):
     return resources.files("appbench_plugins.zoo").joinpath("weights", name)
