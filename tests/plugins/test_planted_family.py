@@ -1,7 +1,9 @@
 """Known answers on the planted-circuit family (appbench.testing.PlantedCircuit) for the other
 built-in plugins: activation patching finds every planted head, in dense and pruned spaces;
 contrastive FLAP keeps exactly the heads whose activations the corruption changes; magnitude
-keeps the heads with output weights; APP (cflap then pathpatch) recovers the planted chain."""
+keeps the heads with output weights; APP (cflap then pathpatch) recovers the planted chain;
+path patching behind any pruner, at any size, finds the part of the chain the pruner kept that
+still reaches the logits; merged is the union of its branches and keeps the whole chain."""
 
 import random
 
@@ -13,7 +15,9 @@ from appbench import Head, SearchSpace
 from appbench.testing import PlantedCircuit, planted_context
 from appbench_plugins.actpatch import ActPatch
 from appbench_plugins.cflap import CflapPruner
+from appbench_plugins.flap import FlapPruner
 from appbench_plugins.magnitude import MagnitudePruner
+from appbench_plugins.merged import MergedPruner
 from appbench_plugins.pathpatch import PathPatch
 
 FOUR_LAYERS = PlantedCircuit(
@@ -96,5 +100,65 @@ def test_app_recovers_the_planted_chain_and_its_edges():
     ctx = planted_context(FOUR_LAYERS.build())
     space = CflapPruner().prune(ctx, CflapPruner.Params(keep_k=6))
     circuit = PathPatch().discover(ctx, space, PathPatch.Params())
+    assert circuit.heads == FOUR_LAYERS.heads
+    assert {edge.id for edge in circuit.edges} == FOUR_LAYERS.edges
+
+
+def kept_suffix(spec: PlantedCircuit, kept: frozenset[Head]) -> set[Head]:
+    """The chain heads path patching can reach from the logits inside ``kept``: in a serial
+    chain each head is scored only as a sender into its kept successor, so the circuit is the
+    longest run of kept heads that ends at the last one."""
+    found: set[Head] = set()
+    for head, _ in reversed(spec.chain):
+        if head not in kept:
+            break
+        found.add(head)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("pruner", "params"),
+    [
+        (FlapPruner, {"metric": "wifv"}),
+        (FlapPruner, {"metric": "wifn"}),
+        (CflapPruner, {}),
+        (MagnitudePruner, None),
+    ],
+    ids=["flap-wifv", "flap-wifn", "cflap", "magnitude"],
+)
+def test_pathpatch_behind_every_pruner_at_every_size_finds_the_kept_chain(pruner, params):
+    ctx = planted_context(FOUR_LAYERS.build())
+    total = FOUR_LAYERS.n_layers * FOUR_LAYERS.n_heads
+    suffixes = set()
+    for k in range(1, total + 1):
+        if params is None:  # magnitude sizes by fraction
+            chosen = pruner.Params(fraction=k / total)
+        else:
+            chosen = pruner.Params(keep_k=k, **params)
+        space = pruner().prune(ctx, chosen)
+        circuit = PathPatch().discover(ctx, space, PathPatch.Params())
+        expected = kept_suffix(FOUR_LAYERS, space.heads)
+        assert circuit.heads == expected, (k, sorted(h.id for h in space.heads))
+        # ... with exactly the planted edges among them (weak heads stay below 1% of the gap).
+        assert {e.id for e in circuit.edges} == {
+            e
+            for e in FOUR_LAYERS.edges
+            if {p.split("<")[0] for p in e.split("->")} <= {h.id for h in expected} | {"logits"}
+        }
+        suffixes.add(len(expected))
+    # The sizes sweep from a space without the last head to the dense one.
+    assert 4 in suffixes and len(suffixes) >= 2
+
+
+def test_merged_keeps_the_union_of_its_branches_and_app_on_it_recovers_the_chain():
+    ctx = planted_context(FOUR_LAYERS.build())
+    merged = MergedPruner().prune(ctx, MergedPruner.Params())
+    flap = FlapPruner().prune(ctx, FlapPruner.Params())
+    cflap = CflapPruner().prune(ctx, CflapPruner.Params())
+    assert merged.heads == flap.heads | cflap.heads
+    # Contrastive FLAP sees every head the corruption changes ("presence" signal): the chain and
+    # the distractors, so the union holds the whole chain whatever FLAP kept.
+    assert cflap.heads == FOUR_LAYERS.heads | FOUR_LAYERS.distractors
+    circuit = PathPatch().discover(ctx, merged, PathPatch.Params())
     assert circuit.heads == FOUR_LAYERS.heads
     assert {edge.id for edge in circuit.edges} == FOUR_LAYERS.edges

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import click
 
-from appbench import ModelLoadError, get_registries, hookimpl, load_model_folder, save_model_folder
+from appbench import (
+    Head,
+    ModelLoadError,
+    get_registries,
+    hookimpl,
+    load_model_folder,
+    save_model_folder,
+)
 from appbench_plugins.zoo.train import Recipe
 
 RECIPES = {
@@ -94,28 +101,63 @@ INTERCHANGE_FROM = {"ioi": 1.0}
 STEPS = {"ioi": 1500}
 
 
-def ground_truth_recipe(task: str) -> Recipe:
-    """The recipe of ``zoo-gt-<task>``: 4 layers x 8 heads with MLPs, one task, SIIT."""
+#: Larger ground-truth models, (layers, heads) per task, so that cost curves have a slope: the
+#: same chain of roles spread over more layers, among more distractor heads.
+GROUND_TRUTH_SHAPES = {"greater_than": ((6, 10), (8, 12))}
+
+
+def spread_chain(chain: tuple, n_layers: int, n_heads: int) -> tuple:
+    """A 4-layer x 8-head designated chain moved to an ``n_layers`` x ``n_heads`` model: the
+    i-th of k heads goes to layer round(i (n_layers - 1) / (k - 1)), head h to h n_heads // 8,
+    so the chain starts in the first layer, ends in the last, and keeps its roles."""
+    last = len(chain) - 1
+    return tuple(
+        (f"a{round(i * (n_layers - 1) / last)}.h{Head.parse(head).head * n_heads // 8}", role)
+        for i, (head, role) in enumerate(chain)
+    )
+
+
+def ground_truth_name(task: str, shape: tuple[int, int] = (4, 8)) -> str:
+    """``zoo-gt-<task>`` for the 4 x 8 model, ``zoo-gt-<task>-<L>x<H>`` for the larger ones."""
+    return f"zoo-gt-{task}" if shape == (4, 8) else f"zoo-gt-{task}-{shape[0]}x{shape[1]}"
+
+
+def ground_truth_recipe(task: str, shape: tuple[int, int] = (4, 8)) -> Recipe:
+    """The recipe of a ground-truth model of ``task``: ``shape`` (layers, heads) with MLPs,
+    one task, SIIT."""
+    n_layers, n_heads = shape
+    circuit = GROUND_TRUTH_CIRCUITS[task]
+    if shape != (4, 8):
+        circuit = spread_chain(circuit, n_layers, n_heads)
     return Recipe(
-        name=f"zoo-gt-{task}",
+        name=ground_truth_name(task, shape),
         tasks=(task,),
         description=(
-            f"Ground truth for {task}: 4 layers x 8 heads with MLPs, trained by SIIT so that "
-            f"the task runs through a designated chain of 4 heads, verified by ablation (see "
-            f"its model card)."
+            f"Ground truth for {task}: {n_layers} layers x {n_heads} heads with MLPs, trained "
+            f"by SIIT so that the task runs through a designated chain of 4 heads, verified by "
+            f"ablation (see its model card)."
         ),
+        n_layers=n_layers,
+        n_heads=n_heads,
         n_ctx=64,
         d_mlp=256,
         batch_size=48,
         steps=STEPS.get(task, 1000),
-        circuits={task: GROUND_TRUTH_CIRCUITS[task]},
+        circuits={task: circuit},
         interchange_from=INTERCHANGE_FROM.get(task, 0.4),
         interchange_targets={task: INTERCHANGE_TARGETS.get(task, "necessity")},
         consistency_weight=4.0,
     )
 
 
-RECIPES.update({f"zoo-gt-{task}": ground_truth_recipe(task) for task in GROUND_TRUTH_TASKS})
+RECIPES.update({ground_truth_name(task): ground_truth_recipe(task) for task in GROUND_TRUTH_TASKS})
+RECIPES.update(
+    {
+        ground_truth_name(task, shape): ground_truth_recipe(task, shape)
+        for task, shapes in GROUND_TRUTH_SHAPES.items()
+        for shape in shapes
+    }
+)
 
 
 def weights_folder(name: str):
