@@ -31,7 +31,9 @@ def test_zoo_models_solve_every_task_they_were_trained_on(zoo):
 
 def test_zoo_model_shapes(zoo):
     name, model = zoo
-    assert (model.cfg.n_layers, model.cfg.n_heads) == (4, 8)
+    recipe = RECIPES[name]
+    assert (model.cfg.n_layers, model.cfg.n_heads) == (recipe.n_layers, recipe.n_heads)
+    assert model.cfg.d_head == recipe.d_head
     assert model.cfg.attn_only == RECIPES[name].attn_only
 
 
@@ -49,3 +51,38 @@ def test_the_default_model_is_the_tasks_ground_truth_model_else_the_multitask_mo
     assert DEFAULT_MODEL == "zoo-multitask"
     assert set(RECIPES["zoo-multitask"].tasks) == tasks
     assert not RECIPES["zoo-multitask"].attn_only
+
+
+def test_larger_ground_truth_models_spread_the_same_chain():
+    from appbench_plugins.zoo import (
+        GROUND_TRUTH_SHAPES,
+        ground_truth_name,
+        ground_truth_recipe,
+        spread_chain,
+    )
+
+    for task, task_shapes in GROUND_TRUTH_SHAPES.items():
+        small = RECIPES[ground_truth_name(task)]
+        for shape in task_shapes:
+            recipe = RECIPES[ground_truth_name(task, shape)]
+            assert (recipe.n_layers, recipe.n_heads) == shape
+            chain = recipe.circuits[task]
+            # Same roles, first layer to last, heads inside the model.
+            assert [role for _, role in chain] == [role for _, role in small.circuits[task]]
+            heads = recipe.circuit_heads(task)
+            assert heads[0].layer == 0 and heads[-1].layer == shape[0] - 1
+            assert all(h.head < shape[1] for h in heads)
+            assert [h.layer for h in heads] == sorted({h.layer for h in heads})
+    recipe = ground_truth_recipe("gendered_pronouns", (8, 12))
+    assert recipe.name == "zoo-gt-gendered_pronouns-8x12" and recipe.n_heads == 12
+    assert [h.id for h in recipe.circuit_heads("gendered_pronouns")] == [
+        "a0.h3",
+        "a2.h10",
+        "a5.h7",
+        "a7.h6",
+    ]
+    assert spread_chain((("a0.h1", "x"), ("a1.h2", "y"), ("a3.h7", "z")), 8, 12) == (
+        ("a0.h1", "x"),
+        ("a4.h3", "y"),
+        ("a7.h10", "z"),
+    )

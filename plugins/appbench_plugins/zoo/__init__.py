@@ -87,7 +87,7 @@ INTERCHANGE_TARGETS = {
     "greater_than": "corrupted-output",
     "induction": "both",
     "gendered_pronouns": "corrupted-output",
-    "docstring": "corrupted-output",
+    "docstring": "necessity",
 }
 
 #: Tasks whose ground-truth model trains to every verification goal (the others do not yet:
@@ -96,14 +96,25 @@ GROUND_TRUTH_TASKS = ("ioi", "greater_than", "induction", "gendered_pronouns")
 
 #: Per task, the fraction of the steps after which the interchange loss joins (1.0: never; the
 #: strict step's log-probability match alone leaves IOI's chain necessary, head by head).
-INTERCHANGE_FROM = {"ioi": 1.0}
+INTERCHANGE_FROM = {"ioi": 1.0, "docstring": 0.4}
 #: Per task, training steps (IOI learns slower than the others under the strict step).
-STEPS = {"ioi": 1500}
+STEPS = {"ioi": 1500, "docstring": 1500}
+#: Per task, the width of each head (docstring's chain passes one of 80 names from head to
+#: head, more than 16 dimensions carry cleanly among 28 ablated heads).
+D_HEAD = {"docstring": 32}
 
 
 #: Larger ground-truth models, (layers, heads) per task, so that cost curves have a slope: the
-#: same chain of roles spread over more layers, among more distractor heads.
-GROUND_TRUTH_SHAPES = {"greater_than": ((6, 10), (8, 12))}
+#: same chain of roles spread over more layers, among more distractor heads. None trains to its
+#: goals yet (see the README's ground-truth section): greater_than at 8 x 12 (1000 steps) and
+#: gendered_pronouns at 8 x 12 (1000 and 2000 steps) left the later chain heads unnecessary,
+#: the first head and the MLPs carrying the task past them.
+GROUND_TRUTH_SHAPES: dict[str, tuple[tuple[int, int], ...]] = {}
+
+
+#: Training steps of the larger shapes: at 8 x 12 and 1000 steps the first head and the MLPs
+#: still bypassed the rest of gendered_pronouns' chain (necessity 0.00 to 0.01).
+LARGER_STEPS = 2000
 
 
 def spread_chain(chain: tuple, n_layers: int, n_heads: int) -> tuple:
@@ -139,10 +150,11 @@ def ground_truth_recipe(task: str, shape: tuple[int, int] = (4, 8)) -> Recipe:
         ),
         n_layers=n_layers,
         n_heads=n_heads,
+        d_head=D_HEAD.get(task, 16),
         n_ctx=64,
         d_mlp=256,
         batch_size=48,
-        steps=STEPS.get(task, 1000),
+        steps=STEPS.get(task, 1000) if shape == (4, 8) else LARGER_STEPS,
         circuits={task: circuit},
         interchange_from=INTERCHANGE_FROM.get(task, 0.4),
         interchange_targets={task: INTERCHANGE_TARGETS.get(task, "necessity")},
