@@ -349,14 +349,15 @@ def run(
       appbench run --pruner none --discoverer actpatch -d threshold 0.05 --json
       appbench run --pruner cflap --discoverer pathpatch --model gpt2 --device cuda
     """
-    from appbench.runner import RunConfig, default_model
+    from appbench.runner import RunConfig
     from appbench.runner import run as run_once
 
     config = RunConfig(
         pruner=pruner,
         discoverer=discoverer,
         task=task,
-        model=model if model is not None else default_model(task),
+        # No --model: RunConfig picks the task's default model (runner.default_model).
+        **({} if model is None else {"model": model}),
         seed=seed,
         device=device,
         n_search=n_search,
