@@ -77,6 +77,33 @@ def test_the_necessity_hinge_asks_each_ablation_for_its_margin(setup, monkeypatc
         _losses(model, batch, mask, 0, "everything")
 
 
+def test_the_source_output_target_follows_the_prompt_the_activation_came_from():
+    # Docstring's prompts share one template, so resampling pairs each with another prompt
+    # (induction's are one template each).
+    task = get_registries().tasks.get("docstring")
+    tokenizer = word_level_tokenizer(sorted(task.vocabulary()))
+    torch.manual_seed(0)
+    model = build_model(ground_truth_recipe("docstring").model_config(len(tokenizer)), tokenizer)
+    search, _ = task.splits(tokenizer)
+    batch = search.select(list(range(12)))
+    assert len(batch.groups.unique()) == 1
+    mask = circuit_mask([Head(0, 1), Head(1, 2), Head(2, 3), Head(3, 4)], 4, 8)
+
+    def interchange(step, target):
+        return _losses(model, batch, mask, step, target)["interchange"].item()
+
+    paired, resample, mean = (STRICT_SOURCES.index(s) for s in ("paired", "resample", "mean"))
+    # Paired ablation: the source is the paired corrupted prompt, as for "both".
+    assert interchange(paired, "source-output") == pytest.approx(interchange(paired, "both"))
+    # Mean ablation has no source prompt: the hinge alone.
+    assert interchange(mean, "source-output") == pytest.approx(interchange(mean, "necessity"))
+    # Resample ablation: compared with the partner's output, not the paired prompt's.
+    hinge = interchange(resample, "necessity")
+    to_partner = interchange(resample, "source-output") - hinge
+    to_paired = interchange(resample, "both") - hinge
+    assert to_partner > 0 and to_partner != pytest.approx(to_paired, rel=1e-3)
+
+
 def test_partners_share_the_template_and_differ_when_they_can():
     groups = torch.tensor([0, 0, 1, 1, 1, 2])
     partner = same_template_partner(groups, torch.Generator().manual_seed(3))

@@ -87,7 +87,7 @@ INTERCHANGE_TARGETS = {
     "greater_than": "corrupted-output",
     "induction": "both",
     "gendered_pronouns": "corrupted-output",
-    "docstring": "necessity",
+    "docstring": "source-output",
 }
 
 #: Tasks whose ground-truth model trains to every verification goal (the others do not yet:

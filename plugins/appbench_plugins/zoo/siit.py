@@ -23,7 +23,15 @@ in one batch, together with one gradient-free run on the corrupted prompts:
      prompt (KL divergence), the high-level model of a strictly serial chain in which every
      designated head passes all of the task's information on. Right for induction's chain;
      too strong for IOI, whose name movers read the names from the residual stream as well;
-   - ``"both"``: their sum.
+   - ``"both"``: their sum;
+   - ``"source-output"``: the necessity hinge, plus, when the ablated activation came from one
+     corrupted prompt (paired or resample), the KL divergence to the model's output on *that*
+     prompt. This is the interchange intervention of SIIT proper: the high-level serial chain,
+     given the value of a node from a source input, outputs what the source would. The
+     ``"corrupted-output"`` target compares with the paired prompt's output whatever the
+     source, which a resampled activation cannot match when the corrupted answer depends on
+     the prompt (docstring's names, gendered_pronouns' pronoun); it stays, for the models it
+     trained.
 
 The designated heads form a chain across layers (see the recipes' roles); which q, k or v
 input each one reads its predecessor through is left to training and measured afterwards by
@@ -44,7 +52,7 @@ from appbench import Head
 STRICT_SOURCES = ("paired", "resample", "mean")
 #: The interchange hinge: ablating one designated head must cost at least this many nats.
 NECESSITY_MARGIN = 1.0
-INTERCHANGE_TARGETS = ("necessity", "corrupted-output", "both")
+INTERCHANGE_TARGETS = ("necessity", "corrupted-output", "both", "source-output")
 
 
 def z_name(layer: int) -> str:
@@ -106,8 +114,8 @@ def siit_losses(
         step: the step number (picks the strict ablation in turn).
         generator: the training's random generator (partners, interchanged heads).
         answer_loss: ``(logits [B, V], answers [B, A]) -> loss``.
-        interchange_target: ``"necessity"``, ``"corrupted-output"`` or ``"both"`` (their sum;
-            see the module).
+        interchange_target: ``"necessity"``, ``"corrupted-output"``, ``"both"`` or
+            ``"source-output"`` (see the module).
         consistency_weight: weight of the strict step's log-probability match.
 
     Returns:
@@ -131,6 +139,7 @@ def siit_losses(
         corrupt_logprobs = corrupt_logits.log_softmax(dim=-1)
 
     source = STRICT_SOURCES[step % len(STRICT_SOURCES)]
+    partner = torch.arange(size)
     if source == "resample":
         partner = same_template_partner(batch.groups, generator)
     outside = ~circuit
@@ -166,12 +175,16 @@ def siit_losses(
     if interchange_target not in INTERCHANGE_TARGETS:
         raise ValueError(f"interchange_target must be one of {INTERCHANGE_TARGETS}")
     interchange_loss = torch.zeros(())
-    if interchange_target in ("necessity", "both"):
+    if interchange_target in ("necessity", "both", "source-output"):
         drop = answer_logprob(full, batch.answers).detach() - answer_logprob(swapped, batch.answers)
         interchange_loss = interchange_loss + torch.relu(NECESSITY_MARGIN - drop).mean()
     if interchange_target in ("corrupted-output", "both"):
         interchange_loss = interchange_loss + kl_divergence(
             corrupt_logprobs, swapped.log_softmax(dim=-1)
+        )
+    if interchange_target == "source-output" and source != "mean":
+        interchange_loss = interchange_loss + kl_divergence(
+            corrupt_logprobs[partner], swapped.log_softmax(dim=-1)
         )
     return {
         "task": answer_loss(full, batch.answers),
