@@ -11,6 +11,14 @@ from typing import Any
 import pluggy
 
 from appbench.circuit import QKV, Circuit, Edge, Head, SearchSpace
+from appbench.engine.reference import (
+    PathPatchingBaseline,
+    input_head_index,
+    metric_gap,
+    path_patching_baseline,
+    sender_scores_to_logits,
+    sender_scores_to_receiver,
+)
 from appbench.errors import NotCausalError, RunError
 from appbench.interfaces import Discoverer, Params, Pruner, RunContext
 from appbench.models import (
@@ -23,14 +31,6 @@ from appbench.models import (
     load_tokenizer,
     save_model_folder,
     word_level_tokenizer,
-)
-from appbench.path_patching import (
-    PathPatchingBaseline,
-    input_head_index,
-    metric_gap,
-    path_patching_baseline,
-    sender_scores_to_logits,
-    sender_scores_to_receiver,
 )
 from appbench.plugins import get_registries
 from appbench.registry import PluginError, UnknownNameError
@@ -53,7 +53,7 @@ from appbench.tasks import (
 __version__ = "0.3.0"
 
 #: Names served lazily: their modules import torch, which `appbench --help` must not pay for.
-_LAZY = {"PatchingEngine": "appbench.patching", "PathPatcher": "appbench.patching"}
+_LAZY = {"PatchingEngine": "appbench.engine.patching", "PathPatcher": "appbench.engine.patching"}
 
 
 def __getattr__(name: str) -> Any:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from appbench.circuit import Circuit, SearchSpace
-    from appbench.patching import PatchingEngine
+    from appbench.engine.patching import PatchingEngine
     from appbench.tasks import Task, TaskData
 
 

@@ -119,7 +119,7 @@ class CostCounter:
     """
 
     def __init__(self, model: Any) -> None:
-        from appbench.fused import mlp_flops_per_token  # imports torch: not at CLI start
+        from appbench.engine.fused import mlp_flops_per_token  # imports torch: not at CLI start
 
         cfg = model.cfg
         self.n_layers = int(cfg.n_layers)
@@ -409,8 +409,8 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
     """
     import torch
 
+    from appbench.engine.patching import PatchingEngine
     from appbench.models import load_model
-    from appbench.patching import PatchingEngine
     from appbench.plugins import get_plugin_manager, plugin_infos
 
     pruner_cls, pruner_params, discoverer_cls, discoverer_params, task = _resolve(cfg)

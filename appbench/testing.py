@@ -153,7 +153,7 @@ class ToyTask(Task):
 
 def toy_context(device: str = "cpu", seed: int = 0) -> RunContext:
     """A RunContext on the planted model and the toy task, as the runner would build it."""
-    from appbench.patching import PatchingEngine
+    from appbench.engine.patching import PatchingEngine
 
     model = planted_model(device)
     task = ToyTask()
@@ -498,7 +498,7 @@ def planted_gqa_model(device: str = "cpu") -> Any:
 
 def planted_context(model: Any, device: str = "cpu", seed: int = 0) -> RunContext:
     """A RunContext on any planted model (they all share the toy vocabulary) and the toy task."""
-    from appbench.patching import PatchingEngine
+    from appbench.engine.patching import PatchingEngine
 
     task = ToyTask()
     search, evaluation = task.splits(model.tokenizer)

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from appbench import Head, build_model, load_model
-from appbench.patching import PatchingEngine, PathPatcher
-from appbench.path_patching import (
+from appbench.engine.patching import PatchingEngine, PathPatcher
+from appbench.engine.reference import (
     path_patching_baseline,
     sender_scores_to_logits,
     sender_scores_to_receiver,
@@ -85,7 +85,7 @@ def exact_lower_bound_flops(model, task, data, senders, receivers) -> float:
     is not linear, so what lies downstream of the change must be computed for every variant,
     but only at each prompt's live positions (from its first token that differs between clean
     and corrupted prompt to its target: before them every activation is the clean one, after
-    them nothing reaches the metric; see ``appbench.patching.LiveSpan``):
+    them nothing reaches the metric; see ``appbench.engine.patching.LiveSpan``):
     - logits stage: each sender's MLPs from its layer on at the target positions (its frozen
       run) and the unembedding there;
     - receivers: each sender's frozen MLPs from its layer up to the last receiver after it, at
@@ -101,7 +101,7 @@ def exact_lower_bound_flops(model, task, data, senders, receivers) -> float:
     receiver's q/k/v projections of the frozen residuals (computed once per sender, not per
     variant), so the bound is generous.
     """
-    from appbench.patching import live_windows
+    from appbench.engine.patching import live_windows
 
     cfg = model.cfg
     counter = CostCounter(model)

@@ -81,8 +81,8 @@ def test_the_reference_is_evaluated_beside_the_circuit(tmp_path):
     assert result.reference.kind == "method-derived"
     # The same number evaluate_circuit gives for the reference heads alone.
     from appbench.circuit import Head
+    from appbench.engine.patching import PatchingEngine
     from appbench.models import load_model
-    from appbench.patching import PatchingEngine
     from appbench.plugins import get_registries
 
     model = load_model("zoo-multitask")

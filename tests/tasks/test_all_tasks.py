@@ -131,7 +131,7 @@ def test_the_metric_on_its_own_columns_equals_the_metric_on_all_logits(name):
     """The patching engine computes only the logits a metric reads (``Task.metric_columns``);
     the metric must come out the same as from the whole vocabulary."""
     from appbench import load_model
-    from appbench.patching import PatchingEngine
+    from appbench.engine.patching import PatchingEngine
 
     model = load_model("zoo-multitask")
     task = get_registries().tasks.get(name)

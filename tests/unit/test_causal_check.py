@@ -3,12 +3,12 @@ refused by PathPatcher, and pathpatch falls back to the reference engine (same s
 
 import pytest
 
-import appbench.patching as patching
+import appbench.engine.patching as patching
 from appbench import Head, NotCausalError, SearchSpace
+from appbench.engine.patching import PatchingEngine, PathPatcher, attends_causally
+from appbench.engine.reference import path_patching_baseline, sender_scores_to_receiver
 from appbench.interfaces import RunContext
 from appbench.models import load_model
-from appbench.patching import PatchingEngine, PathPatcher, attends_causally
-from appbench.path_patching import path_patching_baseline, sender_scores_to_receiver
 from appbench.plugins import get_registries
 from appbench.testing import planted_chain_model, planted_context
 from appbench_plugins.pathpatch import PathPatch

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from appbench import Head, build_model, load_model
-from appbench.fused import FusedBlocks, fusable
-from appbench.patching import PatchingEngine, PathPatcher, live_windows
-from appbench.path_patching import (
+from appbench.engine.fused import FusedBlocks, fusable
+from appbench.engine.patching import PatchingEngine, PathPatcher, live_windows
+from appbench.engine.reference import (
     path_patching_baseline,
     sender_scores_to_logits,
     sender_scores_to_receiver,

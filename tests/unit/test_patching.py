@@ -3,7 +3,7 @@
 import torch
 
 from appbench import Head
-from appbench.patching import PatchingEngine, Replacement, z_hook_name
+from appbench.engine.patching import PatchingEngine, Replacement, z_hook_name
 from appbench.testing import toy_context
 
 
@@ -96,7 +96,7 @@ def test_live_windows_and_their_merging_into_spans():
     to the target; spans merge the windows whose union adds the fewest positions."""
     from dataclasses import replace
 
-    from appbench.patching import live_spans, live_windows
+    from appbench.engine.patching import live_spans, live_windows
 
     data = toy_context().search.select(range(5))
     clean = torch.tensor(

@@ -12,7 +12,7 @@ from appbench import (
     sender_scores_to_logits,
     sender_scores_to_receiver,
 )
-from appbench.path_patching import normalised_score
+from appbench.engine.reference import normalised_score
 from appbench.runner import CostCounter
 from appbench.testing import (
     planted_chain_model,
@@ -312,7 +312,7 @@ def test_a_gap_within_float_rounding_of_the_metric_is_refused():
 
 @pytest.mark.parametrize("name", ["chain", "gqa"])
 def test_the_fast_path_patcher_matches_the_reference_on_planted_models(tables, name):
-    from appbench.patching import PathPatcher
+    from appbench.engine.patching import PathPatcher
 
     _, ctx, _, scores = tables(name)
     fast = PathPatcher(ctx.engine, ctx.search)
@@ -328,7 +328,7 @@ def test_the_fast_path_patcher_matches_the_reference_on_planted_models(tables, n
 
 
 def test_the_fast_path_patcher_matches_the_reference_with_layer_norm_and_mlps():
-    from appbench.patching import PathPatcher
+    from appbench.engine.patching import PathPatcher
 
     model = random_model(1)
     ctx, _, kwargs = measure(model)

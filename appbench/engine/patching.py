@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from appbench.circuit import Head
-from appbench.errors import NotCausalError
-from appbench.fused import (
+from appbench.engine.fused import (
     POST_NORM_ARCHITECTURES,
     FusedBlocks,
     Past,
@@ -31,7 +30,8 @@ from appbench.fused import (
     input_weights,
     plain_attention,
 )
-from appbench.path_patching import metric_gap
+from appbench.engine.reference import metric_gap
+from appbench.errors import NotCausalError
 
 if TYPE_CHECKING:
     from appbench.tasks import Task, TaskData
@@ -510,7 +510,7 @@ class PathPatcher:
       nothing reaches the metric. Those windows attend to the clean keys and values of the
       positions before them;
     - only the logits the metric reads are computed (:meth:`PatchingEngine.target_metric`);
-    - plain blocks are rerun with fused kernels (:mod:`appbench.fused`).
+    - plain blocks are rerun with fused kernels (:mod:`appbench.engine.fused`).
 
     What remains is what any exact method must compute: every layer after the receiver's at
     the live positions, for every (sender, input) variant, because the network is not linear
