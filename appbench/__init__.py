@@ -53,7 +53,12 @@ from appbench.tasks import (
 __version__ = "0.3.0"
 
 #: Names served lazily: their modules import torch, which `appbench --help` must not pay for.
-_LAZY = {"PatchingEngine": "appbench.engine.patching", "PathPatcher": "appbench.engine.patching"}
+_LAZY = {
+    "PatchingEngine": "appbench.engine.patching",
+    "PathPatcher": "appbench.engine.patching",
+    "edge_scores": "appbench.engine.attribution",
+    "head_scores": "appbench.engine.attribution",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -97,7 +102,9 @@ __all__ = [
     "build_model",
     "cache_dir",
     "distinct_pairs",
+    "edge_scores",
     "get_registries",
+    "head_scores",
     "hookimpl",
     "input_head_index",
     "load_hf_directory",

@@ -182,7 +182,11 @@ def _params(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
 
 
 def _cost(c: Any) -> str:
-    return f"{c.wall_seconds:.2f} s, {c.prompt_passes:.0f} prompt passes, {c.flops / 1e9:.2f} GFLOP"
+    backward = f" + {c.backward_prompt_passes:.0f} backward" if c.backward_prompt_passes else ""
+    return (
+        f"{c.wall_seconds:.2f} s, {c.prompt_passes:.0f} prompt passes{backward}, "
+        f"{c.flops / 1e9:.2f} GFLOP"
+    )
 
 
 def _ratio(ratio: float) -> str:

@@ -26,7 +26,14 @@ class StageCost(BaseModel):
     flops: float = Field(
         description="analytic FLOPs of what actually ran (2 per multiply-add; attention projections, "
         "all T² attention scores and weighted sums, MLPs and unembedding; layer norms, softmax and "
-        "other elementwise operations excluded), the count torch.utils.flop_counter makes"
+        "other elementwise operations excluded), the count torch.utils.flop_counter makes; "
+        "backward passes included (see backward_prompt_passes)"
+    )
+    backward_prompt_passes: float = Field(
+        default=0.0,
+        description="backward-pass equivalents over single prompts (gradient methods), counted "
+        "like prompt_passes; their FLOPs, twice the forward FLOPs of what they flowed through, "
+        "are included in flops",
     )
     peak_rss_bytes: int = Field(
         description="peak resident memory of the process at the end of the stage"

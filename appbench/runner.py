@@ -106,6 +106,8 @@ class _Tally:
     layer_rows: int = 0
     layer_tokens: int = 0
     flops: float = 0.0
+    backward_prompt_passes: float = 0.0
+    backward_flops: float = 0.0
 
 
 class CostCounter:
@@ -115,7 +117,11 @@ class CostCounter:
     - ``layer_rows`` / ``layer_tokens``: attention-layer evaluations (batch rows, and rows x
       positions), so a run that starts or stops mid-network counts only the layers it ran;
     - ``flops``: analytic FLOPs (2 per multiply-add) of every attention layer, MLP and
-      unembedding call, including MLPs run on their own by the patching engine.
+      unembedding call, including MLPs run on their own by the patching engine;
+    - backward passes (gradient methods such as EAP): when a gradient flows back through an
+      attention layer, MLP or unembedding that ran with gradients, twice its forward FLOPs
+      (the gradients with respect to its inputs and to its weights, the usual estimate), and
+      the attention-layer rows it flowed through, as for forward passes.
     """
 
     def __init__(self, model: Any) -> None:
@@ -144,20 +150,42 @@ class CostCounter:
         rows, length = int(z.shape[0]), int(z.shape[1])
         self.tally.layer_rows += rows
         self.tally.layer_tokens += rows * length
-        self.tally.flops += rows * length * self._proj_per_token
         # TransformerLens computes every query-key pair and masks afterwards, so T² pairs ran.
-        self.tally.flops += rows * length * length * self._attn_per_pair
+        flops = rows * length * (self._proj_per_token + length * self._attn_per_pair)
+        self.tally.flops += flops
+        self._on_backward(z, flops, rows)
 
     def _on_mlp(self, module: Any, args: tuple[Any, ...]) -> None:
-        tokens = args[0].shape[:-1].numel()
-        self.tally.flops += tokens * self._mlp_per_token
+        flops = args[0].shape[:-1].numel() * self._mlp_per_token
+        self.tally.flops += flops
+        self._on_backward(args[0], flops)
 
     def _on_unembed(self, module: Any, args: tuple[Any, ...]) -> None:
-        self.tally.flops += args[0].shape[:-1].numel() * self._unembed_per_token
+        flops = args[0].shape[:-1].numel() * self._unembed_per_token
+        self.tally.flops += flops
+        self._on_backward(args[0], flops)
+
+    def _on_backward(self, tensor: Any, forward_flops: float, rows: int = 0) -> None:
+        """Count the backward pass through a module when a gradient reaches ``tensor``."""
+        if not getattr(tensor, "requires_grad", False):
+            return
+
+        def counted(grad: Any) -> None:
+            self.tally.backward_flops += 2 * forward_flops
+            self.tally.backward_prompt_passes += rows / self.n_layers
+
+        tensor.register_hook(counted)
 
     def snapshot(self) -> _Tally:
         t = self.tally
-        return _Tally(t.calls, t.layer_rows, t.layer_tokens, t.flops)
+        return _Tally(
+            t.calls,
+            t.layer_rows,
+            t.layer_tokens,
+            t.flops,
+            t.backward_prompt_passes,
+            t.backward_flops,
+        )
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -205,7 +233,13 @@ def measure(
         forward_calls=after.calls - before.calls,
         prompt_passes=(after.layer_rows - before.layer_rows) / n_layers,
         tokens=(after.layer_tokens - before.layer_tokens) / n_layers,
-        flops=after.flops - before.flops + extra_flops() - extra_before,
+        flops=after.flops
+        - before.flops
+        + after.backward_flops
+        - before.backward_flops
+        + extra_flops()
+        - extra_before,
+        backward_prompt_passes=after.backward_prompt_passes - before.backward_prompt_passes,
         peak_rss_bytes=_peak_rss_bytes(),
         peak_gpu_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None,
     )

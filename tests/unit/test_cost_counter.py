@@ -58,3 +58,25 @@ def test_partial_passes_count_only_the_layers_run():
     with torch.no_grad():
         model(torch.randint(0, 20, (5, 6)))
     assert counter.tally.layer_rows == 5  # removed hooks count nothing
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_backward_flops_equal_torch_flop_counter(name):
+    model = build_model(
+        {"n_layers": 2, "n_heads": 4, "d_model": 64, "d_head": 16, "n_ctx": 32, "d_vocab": 100}
+        | CONFIGS[name]
+    )
+    counter = CostCounter(model)
+    tokens = torch.randint(0, 100, (3, 10))
+    with FlopCounterMode(display=False) as reference:
+        model(tokens).sum().backward()
+    counter.remove()
+    assert counter.tally.flops + counter.tally.backward_flops == reference.get_total_flops()
+    assert counter.tally.backward_flops == 2 * counter.tally.flops
+    assert counter.tally.backward_prompt_passes == 3  # 3 prompts, every layer
+    # Without gradients nothing is counted backwards.
+    counter = CostCounter(model)
+    with torch.no_grad():
+        model(tokens)
+    counter.remove()
+    assert counter.tally.backward_flops == 0 and counter.tally.backward_prompt_passes == 0
