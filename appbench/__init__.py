@@ -56,6 +56,7 @@ __version__ = "0.3.0"
 _LAZY = {
     "PatchingEngine": "appbench.engine.patching",
     "PathPatcher": "appbench.engine.patching",
+    "acdc": "appbench.engine.acdc",
     "edge_scores": "appbench.engine.attribution",
     "head_scores": "appbench.engine.attribution",
 }
@@ -98,6 +99,7 @@ __all__ = [
     "TaskSpec",
     "UnknownNameError",
     "__version__",
+    "acdc",
     "answer_columns",
     "build_model",
     "cache_dir",

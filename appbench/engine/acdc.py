@@ -1,0 +1,346 @@
+"""ACDC (Conmy et al. 2023, "Towards Automated Circuit Discovery", arXiv:2304.14997) on the
+head-level edge graph, fast and plain.
+
+The graph is the one path patching measures: every head -> later head's q, k or v input, and
+every head -> logits. ACDC starts from the whole graph and visits the receivers in reverse
+topological order (the logits, then the heads from the last layer down); for each incoming
+edge in turn it *removes* the edge, i.e. the receiver's input sees the sender's corrupted
+output instead of its output in the current graph, and keeps it removed when the distance
+between the full model's output and the current graph's grows by less than ``tau``. The
+distance is the KL divergence of the next-token distributions at the target position, or the
+loss of the task metric as a fraction of the clean-corrupted gap. A head none of whose
+outgoing edges survives is dead: its own inputs are not tested (its output reaches nothing).
+Edges into or out of heads outside the search space are never tested and stay in the graph
+(clean), and are not part of the circuit.
+
+Removing an edge u -> v<i> subtracts ``(z_u - z_u(corrupt)) W_O[u]`` from v's own copy of its
+input i (TransformerLens's split-qkv-input mode), where z_u is u's activation in the current
+graph's run. For grouped-query attention a k or v input is the key-value head's, shared by its
+group (as in :func:`appbench.engine.reference.input_head_index`): one edge, tested once.
+
+Two drivers, same decisions:
+
+- :func:`acdc_reference`: one full forward pass per tested edge, in order. Obviously ACDC.
+- :func:`acdc`: for each receiver, every candidate edge is run at once, variant k removing
+  candidates 1..k on top of the current graph (speculating that each is removed, as most are),
+  starting at the receiver's layer from the current graph's cached residual stream. Variant
+  k's decision is exact while candidates 1..k-1 were indeed removed; at the first kept one the
+  rest are run again from there. Tests compare the two edge sets exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from appbench.circuit import Edge, Head
+from appbench.engine.attribution import split_qkv_inputs
+from appbench.engine.reference import input_head_index, metric_gap
+
+if TYPE_CHECKING:
+    from appbench.tasks import Task, TaskData
+
+Distance = Literal["kl", "metric"]
+#: A receiver input: (layer, "q" | "k" | "v", index into that hook's head axis), or the logits.
+Slot = tuple[int, str, int] | None
+#: An edge as ACDC tests it: (sender, receiver input).
+Candidate = tuple[Head, Slot]
+
+
+@dataclass
+class AcdcResult:
+    """What ACDC kept, and what it did to get there."""
+
+    edges: frozenset[Edge]
+    tested: int
+    removed: int
+    distance: float
+    forward_runs: int
+    trace: list[tuple[str, float, bool]] = field(default_factory=list)
+
+
+class _Graph:
+    """The model with a set of removed edges, run on a split's clean prompts."""
+
+    def __init__(self, model: Any, task: Task, data: TaskData, distance: Distance) -> None:
+        self.model, self.task, self.data, self.distance = model, task, data, distance
+        cfg = model.cfg
+        self.n_layers, self.n_heads = int(cfg.n_layers), int(cfg.n_heads)
+        self.w_o = model.W_O.detach()
+        self.rows = torch.arange(len(data), device=data.clean.device)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(
+                data.corrupt, names_filter=lambda name: name.endswith("attn.hook_z")
+            )
+            self.z_corrupt = [cache[f"blocks.{i}.attn.hook_z"] for i in range(self.n_layers)]
+            full = self._at_target(model(data.clean))
+            corrupt = self._at_target(model(data.corrupt))
+        self.full_logprobs = full.log_softmax(-1)
+        self.m_full = task.metric(full.float(), data).mean().item()
+        m_corrupt = task.metric(corrupt.float(), data).mean().item()
+        self.gap = metric_gap(self.m_full, m_corrupt)
+        self.forward_runs = 0
+
+    def _at_target(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[self.rows, self.data.target_pos]
+
+    def distances(self, logits: torch.Tensor) -> list[float]:
+        """Distance of each variant's target logits [K, N, V] from the full model's."""
+        if self.distance == "kl":
+            logprobs = logits.log_softmax(-1)
+            full = self.full_logprobs[None]
+            return (full.exp() * (full - logprobs)).sum(-1).mean(-1).tolist()
+        return [
+            (self.m_full - self.task.metric(v.float(), self.data).mean().item()) / self.gap
+            for v in logits
+        ]
+
+    def run(
+        self,
+        variants: Sequence[frozenset[Candidate]],
+        start: int = 0,
+        resid: torch.Tensor | None = None,
+        z_before: Sequence[torch.Tensor] = (),
+        record: int | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Target logits [K, N, V] of each variant (a set of removed edges).
+
+        Starts at layer ``start`` from the residual stream ``resid`` [N, T, d] (and the earlier
+        layers' activations ``z_before``), shared by every variant; with ``record`` set, also
+        returns the first variant's residual stream before that layer and the activations of
+        the layers before it.
+        """
+        k, n = len(variants), len(self.data)
+        z_now: dict[int, torch.Tensor] = {i: z.repeat(k, 1, 1, 1) for i, z in enumerate(z_before)}
+        out: dict[str, Any] = {}
+
+        def keep_z(z: torch.Tensor, hook: Any) -> None:
+            z_now[hook.layer()] = z
+
+        def correct(slot_kind: str | None, layer: int) -> Callable[..., torch.Tensor]:
+            # Per sender, which variant removes it from which index of this hook.
+            by_sender: dict[Head, torch.Tensor] = {}
+            for v, removed in enumerate(variants):
+                for sender, slot in removed:
+                    if (slot is None) != (slot_kind is None):
+                        continue
+                    if slot is not None and (slot[0] != layer or slot[1] != slot_kind):
+                        continue
+                    index = 0 if slot is None else slot[2]
+                    if sender not in by_sender:
+                        by_sender[sender] = torch.zeros(k, self.n_heads, dtype=torch.bool)
+                    by_sender[sender][v, index] = True
+
+            def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
+                if not by_sender:
+                    return x
+                x = x.clone()
+                for sender, mask in by_sender.items():
+                    current = z_now[sender.layer][:, :, sender.head]
+                    corrupt = self.z_corrupt[sender.layer][:, :, sender.head].repeat(k, 1, 1)
+                    diff = (current - corrupt) @ self.w_o[sender.layer, sender.head]
+                    diff = diff.view(k, n, *diff.shape[1:])
+                    if slot_kind is None:
+                        weights = mask[:, 0].to(x.device, x.dtype).view(k, 1, 1, 1)
+                        x = x - (diff * weights).view_as(x)
+                    else:
+                        mask = mask[:, : x.shape[2]].to(x.device)
+                        weights = mask.to(x.dtype).view(k, 1, 1, -1, 1)
+                        x = x - (diff[:, :, :, None] * weights).view_as(x)
+                return x
+
+            return hook
+
+        hooks: list[tuple[str, Any]] = []
+        for layer in range(start, self.n_layers):
+            hooks.append((f"blocks.{layer}.attn.hook_z", keep_z))
+            for kind in ("q", "k", "v"):
+                hooks.append((f"blocks.{layer}.hook_{kind}_input", correct(kind, layer)))
+        hooks.append((f"blocks.{self.n_layers - 1}.hook_resid_post", correct(None, -1)))
+        if record is not None:
+
+            def save(x: torch.Tensor, hook: Any) -> None:
+                out["resid"] = x[:n].detach()
+
+            hooks.append((f"blocks.{record}.hook_resid_pre", save))
+        with torch.no_grad(), split_qkv_inputs(self.model), self.model.hooks(fwd_hooks=hooks):
+            if start == 0:
+                logits = self.model(self.data.clean.repeat(k, 1))
+            else:
+                assert resid is not None
+                logits = self.model(resid.repeat(k, 1, 1), start_at_layer=start)
+        self.forward_runs += 1
+        if record is not None:
+            out["z_before"] = [z_now[i][:n] for i in range(record)]
+        rows = torch.arange(k * n, device=logits.device)
+        at_target = logits[rows, self.data.target_pos.repeat(k)]
+        return at_target.view(k, n, -1), out
+
+
+def _slots_of(cfg: Any, receiver: Head) -> list[Slot]:
+    return [(receiver.layer, kind, input_head_index(cfg, receiver, kind)) for kind in "qkv"]
+
+
+def _receivers(cfg: Any, space: frozenset[Head]) -> list[tuple[Slot, list[Head]]]:
+    """Receiver inputs in ACDC's order (logits, then layers from the last down), each with the
+    query heads that read it (a k or v input of a GQA model is read by its whole group)."""
+    n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
+    order: list[tuple[Slot, list[Head]]] = [(None, [])]
+    for layer in range(n_layers - 1, 0, -1):
+        readers: dict[Slot, list[Head]] = {}
+        for h in range(n_heads):
+            for slot in _slots_of(cfg, Head(layer, h)):
+                readers.setdefault(slot, []).append(Head(layer, h))
+        order += [(slot, heads) for slot, heads in readers.items() if set(heads) & space]
+    return order
+
+
+def _candidates(slot: Slot, space: frozenset[Head], n_layers: int) -> list[Candidate]:
+    """Senders into ``slot`` from the search space, the latest layer first."""
+    below = n_layers if slot is None else slot[0]
+    return sorted(
+        ((h, slot) for h in space if h.layer < below),
+        key=lambda c: (-c[0].layer, c[0].head),
+    )
+
+
+def _edge_ids(candidate: Candidate, readers: list[Head], space: frozenset[Head]) -> list[Edge]:
+    sender, slot = candidate
+    if slot is None:
+        return [Edge(sender, None)]
+    return [Edge(sender, r, slot[1]) for r in readers if r in space]
+
+
+def _run_acdc(
+    model: Any,
+    task: Task,
+    data: TaskData,
+    space: Iterable[Head],
+    tau: float,
+    distance: Distance,
+    batched: bool,
+    log: Callable[[str], None],
+    max_rows: int = 1024,
+) -> AcdcResult:
+    if tau < 0 or tau != tau:
+        raise ValueError(f"tau must be a non-negative number, got {tau}")
+    heads = frozenset(space)
+    graph = _Graph(model, task, data, distance)
+    cfg = model.cfg
+    removed: set[Candidate] = set()
+    kept: set[Candidate] = set()
+    dead: set[Head] = set()
+    readers_of: dict[Slot, list[Head]] = {}
+    trace: list[tuple[str, float, bool]] = []
+    current = graph.distances(graph.run([frozenset()])[0])[0]
+    tested = 0
+    receivers = _receivers(cfg, heads)
+    per_run = max(1, max_rows // len(data))
+    for number, (slot, readers) in enumerate(receivers):
+        readers_of[slot] = readers
+        if slot is not None:
+            for reader in readers:
+                if reader not in dead and not _alive(reader, removed, dead, cfg):
+                    dead.add(reader)
+            # A receiver input matters only while one of its heads still sends somewhere.
+            if set(readers) <= dead:
+                continue
+        candidates = _candidates(slot, heads, graph.n_layers)
+        # Rerunning from the receiver's layer: the logits' "layer" is the last one.
+        start = graph.n_layers - 1 if slot is None else slot[0]
+        done = 0
+        while done < len(candidates):
+            rest = candidates[done : done + (per_run if batched else 1)]
+            base = frozenset(removed)
+            if batched:
+                prefix: list[frozenset[Candidate]] = []
+                for candidate in rest:
+                    prefix.append((prefix[-1] if prefix else base) | {candidate})
+                _, cached = graph.run([base], record=start)
+                logits, _ = graph.run(
+                    prefix, start=start, resid=cached["resid"], z_before=cached["z_before"]
+                )
+                values = graph.distances(logits)
+            else:
+                values = graph.distances(graph.run([base | {rest[0]}])[0])
+            for candidate, value in zip(rest, values, strict=True):
+                tested += 1
+                done += 1
+                remove = value - current < tau
+                ids = ", ".join(e.id for e in _edge_ids(candidate, readers, heads))
+                trace.append((ids, value, remove))
+                if remove:
+                    removed.add(candidate)
+                    current = value
+                else:
+                    kept.add(candidate)
+                    break  # the later variants assumed this one removed: run them again
+        log(
+            f"acdc: receiver {number + 1}/{len(receivers)}, {len(kept)} edges kept, "
+            f"{len(removed)} removed"
+        )
+    edges = {e for c in kept for e in _edge_ids(c, readers_of[c[1]], heads)}
+    return AcdcResult(
+        edges=frozenset(_connected(edges)),
+        tested=tested,
+        removed=len(removed),
+        distance=current,
+        forward_runs=graph.forward_runs,
+        trace=trace,
+    )
+
+
+def _alive(head: Head, removed: set[Candidate], dead: set[Head], cfg: Any) -> bool:
+    """Whether ``head`` still sends into the logits or into an input of a later live head that
+    was not removed (edges into heads outside the space are never tested: present)."""
+    if (head, None) not in removed:
+        return True
+    for layer in range(head.layer + 1, int(cfg.n_layers)):
+        for h in range(int(cfg.n_heads)):
+            receiver = Head(layer, h)
+            if receiver in dead:
+                continue
+            if any((head, slot) not in removed for slot in _slots_of(cfg, receiver)):
+                return True
+    return False
+
+
+def _connected(edges: set[Edge]) -> set[Edge]:
+    """The edges on a path into the logits."""
+    live: set[Head] = set()
+    kept: set[Edge] = set()
+    for edge in sorted(edges, key=lambda e: (-e.sender.layer, e.id)):
+        if edge.receiver is None or edge.receiver in live:
+            kept.add(edge)
+            live.add(edge.sender)
+    return kept
+
+
+def acdc(
+    model: Any,
+    task: Task,
+    data: TaskData,
+    space: Iterable[Head],
+    tau: float = 0.01,
+    distance: Distance = "kl",
+    log: Callable[[str], None] = lambda line: None,
+    max_rows: int = 1024,
+) -> AcdcResult:
+    """ACDC, the candidates of a receiver batched (``max_rows`` prompt rows per run) and run
+    from the receiver's layer."""
+    return _run_acdc(model, task, data, space, tau, distance, True, log, max_rows)
+
+
+def acdc_reference(
+    model: Any,
+    task: Task,
+    data: TaskData,
+    space: Iterable[Head],
+    tau: float = 0.01,
+    distance: Distance = "kl",
+) -> AcdcResult:
+    """ACDC done plainly: one full forward pass per tested edge."""
+    return _run_acdc(model, task, data, space, tau, distance, False, lambda line: None)

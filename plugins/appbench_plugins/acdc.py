@@ -1,0 +1,74 @@
+"""ACDC (Conmy et al. 2023, "Towards Automated Circuit Discovery for Mechanistic
+Interpretability", arXiv:2304.14997): prune edges greedily from the whole graph.
+
+Receivers are visited from the logits back to the first layer; each incoming edge is patched to
+its corrupted value and stays removed when the output's distance from the full model's grows by
+less than ``tau``: the KL divergence of the next-token distributions (``distance=kl``, ACDC's
+default) or the loss of the task metric as a fraction of the clean-corrupted gap
+(``distance=metric``). The graph is heads -> later heads' q/k/v inputs and heads -> logits
+(:mod:`appbench.engine.acdc`); edges into or out of heads outside the search space are never
+tested. The circuit is the kept edges on a path into the logits, and their heads.
+"""
+
+from typing import Literal
+
+from pydantic import Field
+
+from appbench import Circuit, Discoverer, Params, hookimpl
+
+
+class AcdcParams(Params):
+    tau: float = Field(
+        default=0.01,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="remove an edge when the distance from the full model grows by less than this",
+    )
+    distance: Literal["kl", "metric"] = Field(
+        default="kl",
+        description="'kl' = KL divergence of the next-token distributions at the target; "
+        "'metric' = lost task metric as a fraction of the clean-corrupted gap",
+    )
+    max_rows: int = Field(
+        default=1024, ge=1, description="prompt rows per batched run (bounds memory)"
+    )
+
+
+class Acdc(Discoverer):
+    """Greedy edge removal from the logits back, keeping edges that move the output."""
+
+    name = "acdc"
+    summary = "ACDC: remove each edge whose corruption moves the output by less than tau."
+    Params = AcdcParams
+
+    def discover(self, ctx, space, params):
+        from appbench import acdc
+
+        result = acdc(
+            ctx.model,
+            ctx.task,
+            ctx.search,
+            space.heads,
+            tau=params.tau,
+            distance=params.distance,
+            log=ctx.log,
+            max_rows=params.max_rows,
+        )
+        heads = {e.sender for e in result.edges} | {e.receiver for e in result.edges if e.receiver}
+        return Circuit(
+            ctx.n_layers,
+            ctx.n_heads,
+            frozenset(heads),
+            edges=result.edges,
+            details={
+                "edges_tested": result.tested,
+                "edges_removed": result.removed,
+                "final_distance": result.distance,
+                "batched_runs": result.forward_runs,
+            },
+        )
+
+
+@hookimpl
+def appbench_register_discoverers(register):
+    register(Acdc)

@@ -1,0 +1,83 @@
+"""Known answers for ACDC: the batched engine and the plain one-pass-per-edge reference
+remove exactly the same edges, and both recover planted circuits edge by edge, in dense and in
+pruned search spaces, with either distance."""
+
+import pytest
+from pydantic import ValidationError
+
+from appbench import Head, SearchSpace, acdc
+from appbench.engine.acdc import acdc_reference
+from appbench.testing import (
+    PLANTED_GQA_EDGES,
+    PlantedCircuit,
+    planted_context,
+    planted_gqa_model,
+)
+from appbench_plugins.acdc import Acdc
+
+#: A chain through values and a saturated query, among distractors and a weak head (0.5% of
+#: the gap: below tau, removed).
+CHAIN = PlantedCircuit(
+    4,
+    4,
+    ((Head(0, 1), None), (Head(1, 2), "v"), (Head(2, 0), "v"), (Head(3, 3), "q")),
+    distractors=frozenset({Head(1, 0), Head(2, 3)}),
+    weak=frozenset({Head(2, 2)}),
+)
+KEY_CHAIN = PlantedCircuit(
+    3,
+    4,
+    ((Head(0, 2), None), (Head(1, 1), "k"), (Head(2, 3), "q")),
+    distractors=frozenset({Head(0, 0), Head(2, 0)}),
+)
+
+
+@pytest.mark.parametrize("distance", ["kl", "metric"])
+@pytest.mark.parametrize("spec", [CHAIN, KEY_CHAIN], ids=["q-chain", "k-chain"])
+def test_acdc_recovers_the_planted_chain_as_its_reference_does(spec, distance):
+    ctx = planted_context(spec.build())
+    dense = SearchSpace.dense(spec.n_layers, spec.n_heads).heads
+    fast = acdc(ctx.model, ctx.task, ctx.search, dense, distance=distance)
+    plain = acdc_reference(ctx.model, ctx.task, ctx.search, dense, distance=distance)
+    assert {e.id for e in fast.edges} == spec.edges
+    assert fast.edges == plain.edges and fast.tested == plain.tested
+    assert fast.forward_runs < plain.forward_runs  # batched: one run per kept edge or so
+    pruned = spec.heads | {next(iter(spec.distractors))}
+    small = acdc(ctx.model, ctx.task, ctx.search, pruned, distance=distance)
+    assert {e.id for e in small.edges} == spec.edges and small.tested < fast.tested
+
+
+def test_acdc_on_the_grouped_query_model():
+    ctx = planted_context(planted_gqa_model())
+    dense = SearchSpace.dense(2, 8).heads
+    fast = acdc(ctx.model, ctx.task, ctx.search, dense)
+    assert {e.id for e in fast.edges} == PLANTED_GQA_EDGES
+    assert fast.edges == acdc_reference(ctx.model, ctx.task, ctx.search, dense).edges
+
+
+def test_a_head_outside_the_space_is_never_tested_and_cuts_the_chain():
+    ctx = planted_context(CHAIN.build())
+    space = CHAIN.heads - {Head(2, 0)}
+    result = acdc(ctx.model, ctx.task, ctx.search, space)
+    assert {e.id for e in result.edges} == {"a3.h3->logits"}
+    assert all("a2.h0" not in ids for ids, _, _ in result.trace)
+
+
+def test_a_tau_above_every_effect_removes_everything():
+    ctx = planted_context(CHAIN.build())
+    dense = SearchSpace.dense(4, 4).heads
+    assert acdc(ctx.model, ctx.task, ctx.search, dense, tau=1e6).edges == frozenset()
+
+
+def test_the_discoverer_reports_edges_and_heads():
+    ctx = planted_context(CHAIN.build())
+    circuit = Acdc().discover(ctx, SearchSpace.dense(4, 4), Acdc.Params(max_rows=7))
+    assert circuit.heads == CHAIN.heads
+    assert {e.id for e in circuit.edges} == CHAIN.edges
+    assert circuit.details["edges_tested"] > circuit.details["edges_removed"] > 0
+
+
+@pytest.mark.parametrize("bad", [{"tau": -0.1}, {"tau": float("nan")}, {"distance": "l2"}])
+def test_values_that_cannot_mean_anything_are_refused(bad):
+    with pytest.raises(ValidationError):
+        Acdc.Params(**bad)
