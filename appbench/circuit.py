@@ -180,6 +180,8 @@ class Circuit:
         scores: per-head scores the discoverer computed, by head id (evaluated heads only).
         edges: the sender -> receiver paths found, when the discoverer works on paths.
         details: discoverer-specific record, JSON-serialisable.
+        edge_scores: per-edge scores by edge id, when the discoverer scores every edge it
+            could select (EAP): the score vector a score-sweep ROC ranks.
     """
 
     n_layers: int
@@ -188,6 +190,7 @@ class Circuit:
     scores: Mapping[str, float] = field(default_factory=dict)
     edges: frozenset[Edge] = frozenset()
     details: Mapping[str, Any] = field(default_factory=dict)
+    edge_scores: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "heads", _as_heads(self.heads))
@@ -219,6 +222,7 @@ class Circuit:
             "scores": dict(self.scores),
             "edges": sorted(e.id for e in self.edges),
             "details": dict(self.details),
+            "edge_scores": dict(self.edge_scores),
         }
 
     @classmethod
@@ -230,6 +234,7 @@ class Circuit:
             dict(data.get("scores", {})),
             frozenset(Edge.parse(e) for e in data.get("edges", [])),
             dict(data.get("details", {})),
+            dict(data.get("edge_scores", {})),
         )
 
     def save(self, path: str | Path) -> None:

@@ -232,6 +232,21 @@ def _summary_table(result: Any, path: Path) -> str:
                 f"precision {o.precision:.2f}, recall {o.recall:.2f}, F1 {o.f1:.2f}, IoU {o.iou:.2f}",
             ]
         )
+        if o.edge_f1 is not None:
+            rows.append(
+                [
+                    "edge overlap",
+                    f"precision {o.edge_precision:.2f}, recall {o.edge_recall:.2f}, "
+                    f"F1 {o.edge_f1:.2f} ({len(result.reference.edges)} reference edges)",
+                ]
+            )
+        aurocs = [
+            f"{level} {value:.3f}"
+            for level, value in (("heads", o.head_auroc), ("edges", o.edge_auroc))
+            if value is not None
+        ]
+        if aurocs:
+            rows.append(["score-sweep AUROC", ", ".join(aurocs)])
         rows.append(
             # The full provenance is in the result file; the table names the reference only.
             [

@@ -6,7 +6,7 @@ Pure functions on numbers and head sets, so that each can be checked on hand-com
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
 from appbench.circuit import Head
@@ -102,6 +102,31 @@ def overlap(circuit: Iterable[Head], reference: Iterable[Head]) -> Overlap:
     union = len(c | r)
     iou = inter / union if union else 1.0
     return Overlap(precision, recall, f1, iou, inter, len(c), len(r))
+
+
+def overlap_sets(found: set[str], reference: set[str]) -> tuple[float, float, float]:
+    """(precision, recall, F1) of any two sets of ids, e.g. edges; 0 where a side is empty."""
+    inter = len(found & reference)
+    precision = inter / len(found) if found else 0.0
+    recall = inter / len(reference) if reference else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def score_auroc(
+    scores: Mapping[str, float], positives: Iterable[str], universe: Iterable[str]
+) -> float | None:
+    """Score-sweep AUROC (METRICS.md 4.4, AutoCircuit's variant): rank ``universe`` by
+    |score| (unscored items score 0) against membership in ``positives``. None when every item
+    is on one side (no ROC exists). Not comparable with ACDC's threshold-sweep AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    items = sorted(set(universe) | set(positives))
+    truth = set(positives)
+    labels = [item in truth for item in items]
+    if all(labels) or not any(labels):
+        return None
+    return float(roc_auc_score(labels, [abs(scores.get(item, 0.0)) for item in items]))
 
 
 def reduction(space_size: int, total_heads: int) -> float:

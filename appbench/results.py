@@ -96,6 +96,23 @@ class Overlap(BaseModel):
     intersection: int = Field(description="|C∩R|")
     circuit_size: int = Field(description="|C|")
     reference_size: int = Field(description="|R|")
+    edge_precision: float | None = Field(
+        default=None,
+        description="edge level, |C∩R|/|C| over edges; None unless both the circuit and the "
+        "reference have edges",
+    )
+    edge_recall: float | None = Field(default=None, description="edge level, |C∩R|/|R|")
+    edge_f1: float | None = Field(default=None, description="edge level, F1")
+    head_auroc: float | None = Field(
+        default=None,
+        description="score-sweep AUROC of the circuit's per-head |scores| against the reference "
+        "heads, every head of the model ranked (unscored heads score 0); None without scores",
+    )
+    edge_auroc: float | None = Field(
+        default=None,
+        description="score-sweep AUROC of the circuit's per-edge |scores| against the reference "
+        "edges; None unless both exist. Not ACDC's threshold-sweep AUC (METRICS.md 4.4)",
+    )
 
 
 class Flag(BaseModel):

@@ -305,6 +305,26 @@ def shipped_reference(task: Any, model_name: str) -> Reference | None:
     )
 
 
+def _edge_and_score_overlap(circuit: Circuit, reference: Reference) -> dict[str, Any]:
+    """Edge-level overlap and score-sweep AUROCs, where the circuit and reference allow them."""
+    every_head = [
+        Head(layer, h).id for layer in range(circuit.n_layers) for h in range(circuit.n_heads)
+    ]
+    found: dict[str, Any] = {
+        "head_auroc": metrics.score_auroc(circuit.scores, reference.heads, every_head)
+        if circuit.scores
+        else None
+    }
+    if circuit.edges and reference.edges:
+        edges = metrics.overlap_sets({e.id for e in circuit.edges}, set(reference.edges))
+        found |= {"edge_precision": edges[0], "edge_recall": edges[1], "edge_f1": edges[2]}
+    if circuit.edge_scores and reference.edges:
+        found["edge_auroc"] = metrics.score_auroc(
+            circuit.edge_scores, reference.edges, circuit.edge_scores
+        )
+    return found
+
+
 def _reference(
     ctx: RunContext, cfg: RunConfig, circuit: Circuit, log: Callable[[str], None] = lambda _: None
 ) -> Reference | None:
@@ -531,7 +551,10 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
     ov = None
     if reference is not None and reference_heads is not None:
         reference = reference.model_copy(update={"faithfulness": reference_faith[0].normalised})
-        ov = Overlap.model_validate(metrics.overlap(circuit.heads, reference_heads).to_dict())
+        ov = Overlap.model_validate(
+            metrics.overlap(circuit.heads, reference_heads).to_dict()
+            | _edge_and_score_overlap(circuit, reference)
+        )
     for found in [
         *circuit_flags(len(circuit), faith, len(evaluation)),
         *reference_flags(reference),

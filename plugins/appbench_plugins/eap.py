@@ -128,11 +128,8 @@ class Eap(Discoverer):
             frozenset(heads),
             scores={h.id: s for h, s in sorted(head_scores(inside, space.heads).items())},
             edges=frozenset(edges),
-            details={
-                "edges_scored": len(inside),
-                "edges_selected": len(chosen),
-                "edge_scores": {e.id: inside[e] for e in sorted(edges, key=lambda e: e.id)},
-            },
+            details={"edges_scored": len(inside), "edges_selected": len(chosen)},
+            edge_scores={e.id: round(inside[e], 6) for e in sorted(inside, key=lambda e: e.id)},
         )
 
 

@@ -54,6 +54,7 @@ def test_circuit_json_round_trip(tmp_path):
         scores={"a2.h1": -0.5, "a0.h3": 0.25},
         edges=frozenset({Edge(Head(0, 3), Head(2, 1), "q"), Edge(Head(2, 1), None)}),
         details={"note": "x"},
+        edge_scores={"a0.h3->a2.h1<q>": -0.75, "a2.h1->logits": 0.5},
     )
     path = tmp_path / "c.json"
     circuit.save(path)

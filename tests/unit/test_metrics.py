@@ -49,3 +49,30 @@ def test_reduction_and_speedup():
     s = speedup(10.0, 2.5)
     assert s.ratio == pytest.approx(4.0) and s.percent == pytest.approx(75.0)
     assert math.isnan(speedup(0.0, 1.0).ratio)
+
+
+def test_score_auroc_ranks_by_absolute_score():
+    from appbench.metrics import score_auroc
+
+    universe = ["a", "b", "c", "d"]
+    # Perfect ranking by |score| (the sign does not matter), then a fully inverted one.
+    assert score_auroc({"a": -3.0, "b": 2.0, "c": 0.1}, {"a", "b"}, universe) == 1.0
+    assert score_auroc({"c": 3.0, "d": 2.0, "a": 0.1}, {"a", "b"}, universe) == 0.0
+    # One positive ranked between the two negatives: 1 of 2 pairs right; b, unscored, ties d.
+    assert score_auroc({"c": 3.0, "a": 2.0}, {"a"}, ["a", "c", "d"]) == pytest.approx(0.5)
+    # A positive outside the universe is ranked too (score 0).
+    assert score_auroc({"a": 1.0}, {"a", "z"}, ["a", "b"]) == pytest.approx(0.75)
+    # No ROC when every item is on one side.
+    assert score_auroc({"a": 1.0}, {"a", "b"}, ["a", "b"]) is None
+    assert score_auroc({"a": 1.0}, set(), ["a", "b"]) is None
+
+
+def test_overlap_sets_on_hand_counted_edges():
+    from appbench.metrics import overlap_sets
+
+    found = {"a0.h1->logits", "a0.h1->a1.h0<v>", "a0.h2->a1.h0<q>"}
+    reference = {"a0.h1->logits", "a0.h1->a1.h0<v>"}
+    precision, recall, f1 = overlap_sets(found, reference)
+    assert (precision, recall) == (pytest.approx(2 / 3), 1.0)
+    assert f1 == pytest.approx(0.8)
+    assert overlap_sets(set(), reference) == (0.0, 0.0, 0.0)
