@@ -28,7 +28,7 @@ RECIPES = {
         tasks=("ioi",),
         description=(
             "A 4-layer, 8-head attention-only transformer trained from scratch on the IOI "
-            "grammar: the default model of `appbench run`."
+            "grammar (the first zoo model)."
         ),
         attn_only=True,
     ),
