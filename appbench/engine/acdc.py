@@ -71,13 +71,21 @@ class _Graph:
         self.n_layers, self.n_heads = int(cfg.n_layers), int(cfg.n_heads)
         self.w_o = model.W_O.detach()
         self.rows = torch.arange(len(data), device=data.clean.device)
+
+        def wanted(name: str) -> bool:
+            return name.endswith("attn.hook_z") or name.endswith("hook_resid_pre")
+
         with torch.no_grad():
-            _, cache = model.run_with_cache(
-                data.corrupt, names_filter=lambda name: name.endswith("attn.hook_z")
-            )
+            corrupt_logits, cache = model.run_with_cache(data.corrupt, names_filter=wanted)
             self.z_corrupt = [cache[f"blocks.{i}.attn.hook_z"] for i in range(self.n_layers)]
-            full = self._at_target(model(data.clean))
-            corrupt = self._at_target(model(data.corrupt))
+            full_logits, cache = model.run_with_cache(data.clean, names_filter=wanted)
+            # ACDC decides the receivers from the last layer down, so while it decides those of
+            # layer l no edge into an earlier layer has been removed: the residual stream before
+            # l and the activations of the layers below are the clean run's.
+            self.z_clean = [cache[f"blocks.{i}.attn.hook_z"] for i in range(self.n_layers)]
+            self.resid_clean = [cache[f"blocks.{i}.hook_resid_pre"] for i in range(self.n_layers)]
+            full = self._at_target(full_logits)
+            corrupt = self._at_target(corrupt_logits)
         self.full_logprobs = full.log_softmax(-1)
         self.m_full = task.metric(full.float(), data).mean().item()
         m_corrupt = task.metric(corrupt.float(), data).mean().item()
@@ -104,18 +112,14 @@ class _Graph:
         start: int = 0,
         resid: torch.Tensor | None = None,
         z_before: Sequence[torch.Tensor] = (),
-        record: int | None = None,
-    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    ) -> torch.Tensor:
         """Target logits [K, N, V] of each variant (a set of removed edges).
 
         Starts at layer ``start`` from the residual stream ``resid`` [N, T, d] (and the earlier
-        layers' activations ``z_before``), shared by every variant; with ``record`` set, also
-        returns the first variant's residual stream before that layer and the activations of
-        the layers before it.
+        layers' activations ``z_before``), shared by every variant.
         """
         k, n = len(variants), len(self.data)
         z_now: dict[int, torch.Tensor] = {i: z.repeat(k, 1, 1, 1) for i, z in enumerate(z_before)}
-        out: dict[str, Any] = {}
 
         def keep_z(z: torch.Tensor, hook: Any) -> None:
             z_now[hook.layer()] = z
@@ -160,12 +164,6 @@ class _Graph:
             for kind in ("q", "k", "v"):
                 hooks.append((f"blocks.{layer}.hook_{kind}_input", correct(kind, layer)))
         hooks.append((f"blocks.{self.n_layers - 1}.hook_resid_post", correct(None, -1)))
-        if record is not None:
-
-            def save(x: torch.Tensor, hook: Any) -> None:
-                out["resid"] = x[:n].detach()
-
-            hooks.append((f"blocks.{record}.hook_resid_pre", save))
         with torch.no_grad(), split_qkv_inputs(self.model), self.model.hooks(fwd_hooks=hooks):
             if start == 0:
                 logits = self.model(self.data.clean.repeat(k, 1))
@@ -173,11 +171,9 @@ class _Graph:
                 assert resid is not None
                 logits = self.model(resid.repeat(k, 1, 1), start_at_layer=start)
         self.forward_runs += 1
-        if record is not None:
-            out["z_before"] = [z_now[i][:n] for i in range(record)]
         rows = torch.arange(k * n, device=logits.device)
         at_target = logits[rows, self.data.target_pos.repeat(k)]
-        return at_target.view(k, n, -1), out
+        return at_target.view(k, n, -1)
 
 
 def _slots_of(cfg: Any, receiver: Head) -> list[Slot]:
@@ -235,7 +231,7 @@ def _run_acdc(
     dead: set[Head] = set()
     readers_of: dict[Slot, list[Head]] = {}
     trace: list[tuple[str, float, bool]] = []
-    current = graph.distances(graph.run([frozenset()])[0])[0]
+    current = graph.distances(graph.run([frozenset()]))[0]
     tested = 0
     receivers = _receivers(cfg, heads)
     per_run = max(1, max_rows // len(data))
@@ -259,13 +255,15 @@ def _run_acdc(
                 prefix: list[frozenset[Candidate]] = []
                 for candidate in rest:
                     prefix.append((prefix[-1] if prefix else base) | {candidate})
-                _, cached = graph.run([base], record=start)
-                logits, _ = graph.run(
-                    prefix, start=start, resid=cached["resid"], z_before=cached["z_before"]
+                logits = graph.run(
+                    prefix,
+                    start=start,
+                    resid=graph.resid_clean[start],
+                    z_before=graph.z_clean[:start],
                 )
                 values = graph.distances(logits)
             else:
-                values = graph.distances(graph.run([base | {rest[0]}])[0])
+                values = graph.distances(graph.run([base | {rest[0]}]))
             for candidate, value in zip(rest, values, strict=True):
                 tested += 1
                 done += 1

@@ -109,15 +109,18 @@ D_HEAD = {"docstring": 32}
 
 
 #: Larger ground-truth models, (layers, heads) per task, so that cost curves have a slope: the
-#: same chain of roles spread over more layers, among more distractor heads. None trains to its
-#: goals yet (see the README's ground-truth section): greater_than at 8 x 12 (1000 steps) and
-#: gendered_pronouns at 8 x 12 (1000 and 2000 steps) left the later chain heads unnecessary,
-#: the first head and the MLPs carrying the task past them.
-GROUND_TRUTH_SHAPES: dict[str, tuple[tuple[int, int], ...]] = {}
+#: same chain of roles spread over more layers, among more distractor heads. They train with
+#: the interchange step from the first step on, aimed at the source prompt's output
+#: (``source-output``): with the paired prompt's output as the target from 40% of the steps on,
+#: greater_than at 8 x 12 reached faithfulness 0.82 / -0.09 and gendered_pronouns 1.23 to 1.42,
+#: its later chain heads unnecessary.
+GROUND_TRUTH_SHAPES: dict[str, tuple[tuple[int, int], ...]] = {
+    "greater_than": ((8, 12),),
+    "gendered_pronouns": ((8, 12),),
+}
 
 
-#: Training steps of the larger shapes: at 8 x 12 and 1000 steps the first head and the MLPs
-#: still bypassed the rest of gendered_pronouns' chain (necessity 0.00 to 0.01).
+#: Training steps of the larger shapes.
 LARGER_STEPS = 2000
 
 
@@ -160,8 +163,10 @@ def ground_truth_recipe(task: str, shape: tuple[int, int] = (4, 8)) -> Recipe:
         batch_size=48,
         steps=STEPS.get(task, 1000) if shape == (4, 8) else LARGER_STEPS,
         circuits={task: circuit},
-        interchange_from=INTERCHANGE_FROM.get(task, 0.4),
-        interchange_targets={task: INTERCHANGE_TARGETS.get(task, "necessity")},
+        interchange_from=INTERCHANGE_FROM.get(task, 0.4) if shape == (4, 8) else 0.0,
+        interchange_targets={
+            task: INTERCHANGE_TARGETS.get(task, "necessity") if shape == (4, 8) else "source-output"
+        },
         consistency_weight=4.0,
     )
 

@@ -1,0 +1,121 @@
+"""ACDC's batched engine against its plain one-pass-per-edge reference, and EAP / EAP-IG
+against ACDC, on the same workload in the same process.
+
+Both ACDC drivers must remove exactly the same edges (checked here as in the known-answer
+tests); the benchmark reports the ratios of wall time and of FLOPs (analytic, forward and
+backward, counted by the runner's CostCounter).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from appbench import Head, acdc, build_model, edge_scores, load_model
+from appbench.engine.acdc import acdc_reference
+from appbench.plugins import get_registries
+from appbench.runner import CostCounter
+
+#: GPT-2 small's shape (as in test_bench_path_patching).
+GPT2_SMALL = {
+    "n_layers": 12,
+    "n_heads": 12,
+    "d_model": 768,
+    "d_head": 64,
+    "d_mlp": 3072,
+    "n_ctx": 64,
+    "d_vocab": 50257,
+    "act_fn": "gelu_new",
+    "normalization_type": "LN",
+}
+
+
+def costed(model, fn):
+    """fn()'s result, wall seconds and FLOPs (forward and backward)."""
+    counter = CostCounter(model)
+    started = time.perf_counter()
+    result = fn()
+    wall = time.perf_counter() - started
+    counter.remove()
+    return result, wall, counter.tally.flops + counter.tally.backward_flops
+
+
+def acdc_ratios(benchmark, model, data, heads, label):
+    task = get_registries().tasks.get("ioi")
+    plain, plain_wall, plain_flops = costed(model, lambda: acdc_reference(model, task, data, heads))
+    fast, fast_wall, fast_flops = benchmark.pedantic(
+        lambda: costed(model, lambda: acdc(model, task, data, heads)), rounds=1, iterations=1
+    )
+    assert fast.edges == plain.edges and fast.tested == plain.tested
+    info = {
+        "model": label,
+        "heads_searched": len(heads),
+        "edges_tested": fast.tested,
+        "edges_kept": len(fast.edges),
+        "reference_seconds": round(plain_wall, 2),
+        "engine_seconds": round(fast_wall, 2),
+        "wall_ratio": round(plain_wall / fast_wall, 2),
+        "reference_gflop": round(plain_flops / 1e9, 2),
+        "engine_gflop": round(fast_flops / 1e9, 2),
+        "flops_ratio": round(plain_flops / fast_flops, 2),
+        "reference_runs": plain.forward_runs,
+        "engine_runs": fast.forward_runs,
+    }
+    benchmark.extra_info.update(info)
+    print("\n" + "  ".join(f"{k}={v}" for k, v in info.items()))
+    return info
+
+
+@pytest.mark.benchmark(group="acdc")
+def test_bench_acdc_on_the_default_model(benchmark):
+    model = load_model("zoo-gt-ioi")
+    task = get_registries().tasks.get("ioi")
+    data, _ = task.splits(model.tokenizer, n_search=30, n_eval=10)
+    heads = {Head(layer, h) for layer in range(4) for h in range(8)}
+    acdc_ratios(benchmark, model, data, heads, "zoo-gt-ioi (dense)")
+
+
+@pytest.mark.benchmark(group="acdc")
+def test_bench_acdc_gpt2_small_shape(benchmark, gpt2_tok):
+    """GPT-2 small's shape with random weights, searched over 2 heads per layer (24 heads,
+    about 900 edges): the whole graph (32,491 edges with MLPs; 29,232 head edges here) would
+    take the plain reference a day of CPU."""
+    torch.manual_seed(0)
+    model = build_model(GPT2_SMALL, gpt2_tok)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.02)
+    task = get_registries().tasks.get("ioi")
+    data, _ = task.splits(model.tokenizer, n_search=10, n_eval=10)
+    heads = {Head(layer, h) for layer in range(12) for h in (0, 1)}
+    acdc_ratios(benchmark, model, data, heads, "gpt2-small-shape (random weights)")
+
+
+@pytest.mark.benchmark(group="eap")
+def test_bench_eap_against_acdc(benchmark):
+    """EAP (one backward pass) and EAP-IG (5) against ACDC's engine on the default model."""
+    model = load_model("zoo-gt-ioi")
+    task = get_registries().tasks.get("ioi")
+    data, _ = task.splits(model.tokenizer, n_search=100, n_eval=10)
+    heads = {Head(layer, h) for layer in range(4) for h in range(8)}
+    _, acdc_wall, acdc_flops = costed(model, lambda: acdc(model, task, data, heads))
+    _, eap_wall, eap_flops = benchmark.pedantic(
+        lambda: costed(model, lambda: edge_scores(model, task, data)), rounds=1, iterations=1
+    )
+    _, ig_wall, ig_flops = costed(model, lambda: edge_scores(model, task, data, steps=5))
+    info = {
+        "acdc_seconds": round(acdc_wall, 2),
+        "acdc_gflop": round(acdc_flops / 1e9, 2),
+        "eap_seconds": round(eap_wall, 2),
+        "eap_gflop": round(eap_flops / 1e9, 2),
+        "eap_ig_seconds": round(ig_wall, 2),
+        "eap_ig_gflop": round(ig_flops / 1e9, 2),
+        "acdc_over_eap_flops": round(acdc_flops / eap_flops, 1),
+        "acdc_over_eap_ig_flops": round(acdc_flops / ig_flops, 1),
+        "acdc_over_eap_wall": round(acdc_wall / eap_wall, 1),
+    }
+    benchmark.extra_info.update(info)
+    print("\n" + "  ".join(f"{k}={v}" for k, v in info.items()))
