@@ -21,10 +21,11 @@ group (as in :func:`appbench.engine.reference.input_head_index`): one edge, test
 Two drivers, same decisions:
 
 - :func:`acdc_reference`: one full forward pass per tested edge, in order. Obviously ACDC.
-- :func:`acdc`: for each receiver, every candidate edge is run at once, variant k removing
-  candidates 1..k on top of the current graph (speculating that each is removed, as most are),
-  starting at the receiver's layer from the current graph's cached residual stream. Variant
-  k's decision is exact while candidates 1..k-1 were indeed removed; at the first kept one the
+- :func:`acdc`: for each receiver, the candidate edges run in batches, variant k removing
+  candidates 1..k on top of the current graph (speculating that each is removed, as most are;
+  batches double while they are), starting at the receiver's layer from the clean run's
+  cached residual stream (nothing below the receiver has been removed yet). Variant k's
+  decision is exact while candidates 1..k-1 were indeed removed; at the first kept one the
   rest are run again from there. Tests compare the two edge sets exactly.
 """
 
@@ -48,6 +49,8 @@ Distance = Literal["kl", "metric"]
 Slot = tuple[int, str, int] | None
 #: An edge as ACDC tests it: (sender, receiver input).
 Candidate = tuple[Head, Slot]
+#: Candidates in a receiver's first speculative batch, and again after each kept edge.
+FIRST_BATCH = 4
 
 
 @dataclass
@@ -248,8 +251,12 @@ def _run_acdc(
         # Rerunning from the receiver's layer: the logits' "layer" is the last one.
         start = graph.n_layers - 1 if slot is None else slot[0]
         done = 0
+        # Speculation pays while edges are removed and wastes the rest of a batch at each kept
+        # one: the batch doubles after every all-removed batch and falls back after a kept edge.
+        size = FIRST_BATCH
         while done < len(candidates):
-            rest = candidates[done : done + (per_run if batched else 1)]
+            rest = candidates[done : done + (min(size, per_run) if batched else 1)]
+            size *= 2
             base = frozenset(removed)
             if batched:
                 prefix: list[frozenset[Candidate]] = []
@@ -275,6 +282,7 @@ def _run_acdc(
                     current = value
                 else:
                     kept.add(candidate)
+                    size = FIRST_BATCH
                     break  # the later variants assumed this one removed: run them again
         log(
             f"acdc: receiver {number + 1}/{len(receivers)}, {len(kept)} edges kept, "
