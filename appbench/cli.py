@@ -224,6 +224,16 @@ def _summary_table(result: Any, path: Path) -> str:
         ],
         ["m(M) / m(∅) / m(C)", f"{f.m_model:.3f} / {f.m_empty:.3f} / {f.m_circuit:.3f}"],
     ]
+    edge = result.edge_faithfulness
+    if edge is not None:
+        rows.append(
+            [
+                "edge faithfulness (normalised)",
+                "n/a"
+                if edge.normalised is None
+                else f"{edge.normalised:.3f} (edges outside patched)",
+            ]
+        )
     if result.overlap is not None and result.reference is not None:
         o = result.overlap
         rows.append(

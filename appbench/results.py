@@ -205,6 +205,11 @@ class RunResult(BaseModel):
     circuit_size: int = Field(description="|circuit|")
     reduction: float = Field(description="1 − |search space| / total heads")
     faithfulness: Faithfulness = Field(description="faithfulness on the evaluation split")
+    edge_faithfulness: Faithfulness | None = Field(
+        default=None,
+        description="for a circuit with edges: the same, with every edge between circuit heads "
+        "that is not in the circuit also patched to its sender's ablated activation",
+    )
     reference: Reference | None = Field(description="circuit used for overlap, with its source")
     overlap: Overlap | None = Field(description="overlap with the reference")
     cost: dict[str, StageCost] = Field(

@@ -282,6 +282,23 @@ def evaluate_circuits(ctx: RunContext, circuits: Sequence[frozenset[Head]]) -> l
     ]
 
 
+def evaluate_edge_circuit(ctx: RunContext, circuit: Circuit, node: Faithfulness) -> Faithfulness:
+    """Faithfulness of ``circuit``'s edges: as the node circuit's (same m(M) and m(∅)), with the
+    edges between its heads that it leaves out patched too."""
+    from appbench.engine.acdc import edge_circuit_metric
+
+    engine, data = ctx.engine, ctx.evaluation
+    means = engine.per_prompt(engine.group_means(engine.cache_z(data.corrupt), data), data)
+    value = edge_circuit_metric(
+        ctx.model, ctx.task, data, circuit.edges, [means[layer] for layer in range(ctx.n_layers)]
+    )
+    return Faithfulness(
+        **metrics.faithfulness(node.m_model, node.m_empty, value).to_dict(),  # type: ignore[arg-type]
+        ablation="as the node circuit's, and every edge between circuit heads that is not in the "
+        "circuit patched to its sender's ablated activation (the receiver's own q/k/v input)",
+    )
+
+
 def evaluate_circuit(ctx: RunContext, heads: frozenset[Head]) -> Faithfulness:
     """Faithfulness of ``heads`` on the evaluation split (per-template corrupted means)."""
     return evaluate_circuits(ctx, [heads])[0]
@@ -546,6 +563,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
         with timed("evaluate"):
             evaluated = [circuit.heads] + ([reference_heads] if reference_heads is not None else [])
             faith, *reference_faith = evaluate_circuits(ctx, evaluated)
+            edge_faith = evaluate_edge_circuit(ctx, circuit, faith) if circuit.edges else None
     finally:
         counter.remove()
     ov = None
@@ -608,6 +626,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
         circuit_size=len(circuit),
         reduction=metrics.reduction(len(space), space.total_heads),
         faithfulness=faith,
+        edge_faithfulness=edge_faith,
         reference=reference,
         overlap=ov,
         cost=cost,

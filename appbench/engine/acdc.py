@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from appbench.circuit import Edge, Head
+from appbench.circuit import QKV, Edge, Head
 from appbench.engine.attribution import split_qkv_inputs
 from appbench.engine.reference import input_head_index, metric_gap
 
@@ -91,9 +91,14 @@ class _Graph:
             corrupt = self._at_target(corrupt_logits)
         self.full_logprobs = full.log_softmax(-1)
         self.m_full = task.metric(full.float(), data).mean().item()
-        m_corrupt = task.metric(corrupt.float(), data).mean().item()
-        self.gap = metric_gap(self.m_full, m_corrupt)
+        self.m_corrupt = task.metric(corrupt.float(), data).mean().item()
         self.forward_runs = 0
+        #: Heads whose own activation is replaced by the patch source in every run.
+        self.ablated: frozenset[Head] = frozenset()
+
+    @property
+    def gap(self) -> float:
+        return metric_gap(self.m_full, self.m_corrupt)
 
     def _at_target(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[self.rows, self.data.target_pos]
@@ -124,8 +129,19 @@ class _Graph:
         k, n = len(variants), len(self.data)
         z_now: dict[int, torch.Tensor] = {i: z.repeat(k, 1, 1, 1) for i, z in enumerate(z_before)}
 
-        def keep_z(z: torch.Tensor, hook: Any) -> None:
-            z_now[hook.layer()] = z
+        ablated = {
+            layer: [h.head for h in self.ablated if h.layer == layer]
+            for layer in range(self.n_layers)
+        }
+
+        def keep_z(z: torch.Tensor, hook: Any) -> torch.Tensor:
+            layer = hook.layer()
+            if ablated[layer]:
+                z = z.clone()
+                source = self.z_corrupt[layer].repeat(k, 1, 1, 1)
+                z[:, :, ablated[layer]] = source[:, :, ablated[layer]]
+            z_now[layer] = z
+            return z
 
         def correct(slot_kind: str | None, layer: int) -> Callable[..., torch.Tensor]:
             # Per sender, which variant removes it from which index of this hook.
@@ -350,3 +366,43 @@ def acdc_reference(
 ) -> AcdcResult:
     """ACDC done plainly: one full forward pass per tested edge."""
     return _run_acdc(model, task, data, space, tau, distance, False, lambda line: None)
+
+
+def edge_circuit_metric(
+    model: Any,
+    task: Task,
+    data: TaskData,
+    edges: Iterable[Edge],
+    source_z: Sequence[torch.Tensor],
+) -> float:
+    """Mean metric of an edge circuit: every head outside it takes its ``source_z``
+    activation ([N, T, H, d_head] per layer, e.g. per-template corrupted means), and every edge
+    between its heads that is not in it is patched to the sender's source activation, as ACDC
+    removes edges. With every edge between its heads present it equals the node circuit."""
+    edge_set = set(edges)
+    heads = {e.sender for e in edge_set} | {e.receiver for e in edge_set if e.receiver}
+    graph = _Graph(model, task, data, "metric")
+    graph.z_corrupt = list(source_z)
+    every = {Head(layer, h) for layer in range(graph.n_layers) for h in range(graph.n_heads)}
+    graph.ablated = frozenset(every - heads)
+    cfg = model.cfg
+    removed: set[Candidate] = set()
+    for sender in heads:
+        if Edge(sender, None) not in edge_set:
+            removed.add((sender, None))
+        for receiver in heads:
+            if receiver.layer <= sender.layer:
+                continue
+            for kind in QKV:
+                index = input_head_index(cfg, receiver, kind)
+                # A k or v input of a GQA model is shared by its group: present when any
+                # circuit head of the group has the edge.
+                readers = [
+                    r
+                    for r in heads
+                    if r.layer == receiver.layer and input_head_index(cfg, r, kind) == index
+                ]
+                if not any(Edge(sender, r, kind) in edge_set for r in readers):
+                    removed.add((sender, (receiver.layer, kind, index)))
+    logits = graph.run([frozenset(removed)])
+    return task.metric(logits[0].float(), data).mean().item()

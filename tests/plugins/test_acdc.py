@@ -81,3 +81,32 @@ def test_the_discoverer_reports_edges_and_heads():
 def test_values_that_cannot_mean_anything_are_refused(bad):
     with pytest.raises(ValidationError):
         Acdc.Params(**bad)
+
+
+def test_edge_faithfulness_patches_exactly_the_missing_edges():
+    """The planted chain's edges keep the task (the weak head, outside, costs its 0.5%); drop
+    one link and the chain carries nothing; an extra edge between circuit heads changes
+    nothing (it carries nothing)."""
+    from appbench import Edge
+    from appbench.engine.acdc import edge_circuit_metric
+
+    ctx = planted_context(CHAIN.build())
+    engine, data = ctx.engine, ctx.evaluation
+    means = engine.per_prompt(engine.group_means(engine.cache_z(data.corrupt), data), data)
+    source = [means[layer] for layer in range(4)]
+    edges = {Edge.parse(e) for e in CHAIN.edges}
+    full = engine.clean_metric(data).mean().item()
+
+    def metric(edge_set):
+        return edge_circuit_metric(ctx.model, ctx.task, data, edge_set, source)
+
+    import torch
+
+    keep = torch.zeros(4, 4, dtype=torch.bool)
+    for head in CHAIN.heads:
+        keep[head.layer, head.head] = True
+    node = engine.ablated_metric(data, keep, means).mean().item()
+    assert node == pytest.approx(full - 0.02, abs=1e-4)  # the weak head's share, ablated
+    assert metric(edges) == pytest.approx(node, abs=1e-5)
+    assert metric(edges - {Edge.parse("a1.h2->a2.h0<v>")}) == pytest.approx(-full, rel=1e-3)
+    assert metric(edges | {Edge.parse("a0.h1->a2.h0<v>")}) == pytest.approx(metric(edges))
