@@ -20,6 +20,23 @@ import click
 from appbench import __version__
 
 
+class _Device(click.ParamType):
+    """A torch device a model can compute on: cpu, cuda, cuda:N or mps (checked before any
+    model loads; whether this machine has it is checked when the run starts)."""
+
+    name = "device"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        import re
+
+        if not isinstance(value, str) or not re.fullmatch(r"cpu|cuda(:[0-9]+)?|mps", value):
+            self.fail(f"{value!r} is not a device (cpu, cuda, cuda:N or mps)", param, ctx)
+        return value
+
+
+DEVICE = _Device()
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's input or environment, not appbench bugs: one line, exit 2."""
     from appbench.errors import RunError
@@ -310,9 +327,18 @@ def _summary_table(result: Any, path: Path) -> str:
     "local Hugging Face model directory. Default: the task's ground-truth zoo model "
     "zoo-gt-TASK, or zoo-multitask for a task without one.",
 )
-@click.option("--seed", type=int, default=None, help="Prompt seed (default: the task's own).")
 @click.option(
-    "--device", default="cpu", show_default=True, help="Torch device, e.g. cpu, cuda, cuda:1."
+    "--seed",
+    type=click.IntRange(0, 2**32 - 1),
+    default=None,
+    help="Prompt seed, 0 to 2**32 - 1 (default: the task's own).",
+)
+@click.option(
+    "--device",
+    type=DEVICE,
+    default="cpu",
+    show_default=True,
+    help="Torch device: cpu, cuda, cuda:N or mps.",
 )
 @click.option(
     "--n-search", type=click.IntRange(min=1), default=None, help="Search prompts (default: task's)."
@@ -459,7 +485,11 @@ def models_list(as_json: bool) -> None:
 @models.command("pull")
 @click.argument("name")
 @click.option(
-    "--device", default="cpu", show_default=True, help="Torch device to test-load the model on."
+    "--device",
+    type=DEVICE,
+    default="cpu",
+    show_default=True,
+    help="Torch device to test-load the model on.",
 )
 def models_pull(name: str, device: str) -> None:
     """Fetch and cache model NAME (by loading it once).
@@ -514,11 +544,16 @@ def reference() -> None:
     metavar="KEY VALUE",
     help="Discoverer parameter.",
 )
-@click.option("--device", default="cpu", show_default=True, help="Torch device.")
+@click.option("--device", type=DEVICE, default="cpu", show_default=True, help="Torch device.")
 @click.option(
     "--n-search", type=click.IntRange(min=1), default=None, help="Search prompts (default: task's)."
 )
-@click.option("--seed", type=int, default=None, help="Prompt seed (default: the task's own).")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**32 - 1),
+    default=None,
+    help="Prompt seed, 0 to 2**32 - 1 (default: the task's own).",
+)
 @click.option(
     "--from-result",
     type=click.Path(dir_okay=False, path_type=Path),

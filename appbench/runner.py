@@ -59,6 +59,29 @@ def default_model(task: str) -> str:
     return ground_truth if ground_truth in get_registries().models.names() else DEFAULT_MODEL
 
 
+#: Seeds a run accepts (the range of torch's and numpy's generators).
+MAX_SEED = 2**32 - 1
+#: Devices a run accepts: the ones a model can compute on (not "meta").
+DEVICE_PATTERN = r"^(cpu|cuda(:[0-9]+)?|mps)$"
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before any model loads."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RunError(f"device '{device}' is not available: torch sees no CUDA GPU here")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise RunError(
+                f"device '{device}' is not available: torch sees {torch.cuda.device_count()} "
+                "CUDA GPU(s)"
+            )
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise RunError("device 'mps' is not available on this machine")
+
+
 class RunConfig(BaseModel):
     """Everything that defines a run."""
 
@@ -70,8 +93,17 @@ class RunConfig(BaseModel):
     model: str = Field(
         description="registered model or TransformerLens name; default: default_model(task)"
     )
-    seed: int | None = Field(default=None, description="prompt seed; default: the task's own")
-    device: str = Field(default="cpu", description="torch device, e.g. cpu or cuda")
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="prompt seed (0 to 2**32 - 1); default: the task's own",
+    )
+    device: str = Field(
+        default="cpu",
+        pattern=DEVICE_PATTERN,
+        description="torch device: cpu, cuda, cuda:N or mps",
+    )
     pruner_params: dict[str, Any] = Field(default_factory=dict, description="raw pruner parameters")
     discoverer_params: dict[str, Any] = Field(
         default_factory=dict, description="raw discoverer parameters"
@@ -485,6 +517,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
     from appbench.plugins import get_plugin_manager, plugin_infos
 
     pruner_cls, pruner_params, discoverer_cls, discoverer_params, task = _resolve(cfg)
+    check_device(cfg.device)
     shipped_reference(task, cfg.model)  # a broken reference file fails before any work is done
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"device {cfg.device!r} requested but CUDA is not available")

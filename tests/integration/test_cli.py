@@ -123,6 +123,46 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, message):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "nonsense"], "'nonsense' is not a device"),
+        (["--device", "CPU"], "'CPU' is not a device"),
+        (["--device", "meta"], "'meta' is not a device"),
+        (["--seed", "99999999999999999999"], "is not in the range 0<=x<=4294967295"),
+        (["--seed", "-1"], "-1 is not in the range"),
+    ],
+)
+def test_devices_and_seeds_that_cannot_mean_anything_are_usage_errors(tmp_path, args, message):
+    result = invoke("run", "--pruner", "none", "--discoverer", "actpatch", *args, "--quiet")
+    assert result.exit_code == 2
+    assert message in result.output.strip().splitlines()[-1], result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_device_this_machine_lacks_is_refused_before_the_model_loads(tmp_path):
+    import torch
+
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    result = invoke(
+        "run",
+        "--pruner",
+        "none",
+        "--discoverer",
+        "actpatch",
+        "--device",
+        "cuda:7",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+    )
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert "device 'cuda:7' is not available" in lines[0]
+    assert not list(tmp_path.rglob("*.json"))
+
+
 def test_corrupt_baseline_does_not_lose_the_new_result(tmp_path):
     folder = tmp_path / "ioi" / "zoo-multitask"
     folder.mkdir(parents=True)

@@ -46,3 +46,15 @@ def test_without_a_shipped_reference_the_dense_actpatch_circuit_is_used():
         compute_reference=False,
     )
     assert _reference(ctx, skip, found) is None
+
+
+@pytest.mark.parametrize(
+    "bad", [{"seed": -1}, {"seed": 2**32}, {"device": "meta"}, {"device": "CPU"}]
+)
+def test_run_config_refuses_seeds_and_devices_that_cannot_mean_anything(bad):
+    from pydantic import ValidationError
+
+    from appbench.runner import RunConfig
+
+    with pytest.raises(ValidationError):
+        RunConfig(pruner="none", discoverer="actpatch", **bad)
