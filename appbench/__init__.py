@@ -10,7 +10,7 @@ from typing import Any
 
 import pluggy
 
-from appbench.circuit import QKV, Circuit, Edge, Head, SearchSpace
+from appbench.circuit import QKV, Circuit, Edge, Head, SearchSpace, connected_to_logits
 from appbench.engine.reference import (
     PathPatchingBaseline,
     input_head_index,
@@ -103,6 +103,7 @@ __all__ = [
     "answer_columns",
     "build_model",
     "cache_dir",
+    "connected_to_logits",
     "distinct_pairs",
     "edge_scores",
     "get_registries",

@@ -88,6 +88,19 @@ class Edge:
         return cls(Head.parse(src), Head.parse(match.group(1)), match.group(2))
 
 
+def connected_to_logits(edges: Iterable[Edge]) -> frozenset[Edge]:
+    """The edges that lie on a path into the logits: an edge-level circuit's edges minus the
+    dangling ones (edges run from lower to higher layers, so one pass from the last layer down
+    finds them)."""
+    live: set[Head] = set()
+    kept: set[Edge] = set()
+    for edge in sorted(edges, key=lambda e: (-e.sender.layer, e.id)):
+        if edge.receiver is None or edge.receiver in live:
+            kept.add(edge)
+            live.add(edge.sender)
+    return frozenset(kept)
+
+
 def _as_heads(heads: Iterable[Head | str]) -> frozenset[Head]:
     return frozenset(h if isinstance(h, Head) else Head.parse(h) for h in heads)
 

@@ -12,24 +12,12 @@ import time
 
 import pytest
 import torch
+from test_bench_path_patching import GPT2_SMALL
 
 from appbench import Head, acdc, build_model, edge_scores, load_model
 from appbench.engine.acdc import acdc_reference
 from appbench.plugins import get_registries
 from appbench.runner import CostCounter
-
-#: GPT-2 small's shape (as in test_bench_path_patching).
-GPT2_SMALL = {
-    "n_layers": 12,
-    "n_heads": 12,
-    "d_model": 768,
-    "d_head": 64,
-    "d_mlp": 3072,
-    "n_ctx": 64,
-    "d_vocab": 50257,
-    "act_fn": "gelu_new",
-    "normalization_type": "LN",
-}
 
 
 def costed(model, fn):

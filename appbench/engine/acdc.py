@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from appbench.circuit import QKV, Edge, Head
+from appbench.circuit import QKV, Edge, Head, connected_to_logits
 from appbench.engine.attribution import split_qkv_inputs
 from appbench.engine.reference import input_head_index, metric_gap
 
@@ -306,7 +306,7 @@ def _run_acdc(
         )
     edges = {e for c in kept for e in _edge_ids(c, readers_of[c[1]], heads)}
     return AcdcResult(
-        edges=frozenset(_connected(edges)),
+        edges=connected_to_logits(edges),
         tested=tested,
         removed=len(removed),
         distance=current,
@@ -328,17 +328,6 @@ def _alive(head: Head, removed: set[Candidate], dead: set[Head], cfg: Any) -> bo
             if any((head, slot) not in removed for slot in _slots_of(cfg, receiver)):
                 return True
     return False
-
-
-def _connected(edges: set[Edge]) -> set[Edge]:
-    """The edges on a path into the logits."""
-    live: set[Head] = set()
-    kept: set[Edge] = set()
-    for edge in sorted(edges, key=lambda e: (-e.sender.layer, e.id)):
-        if edge.receiver is None or edge.receiver in live:
-            kept.add(edge)
-            live.add(edge.sender)
-    return kept
 
 
 def acdc(

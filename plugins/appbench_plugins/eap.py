@@ -26,12 +26,12 @@ from pydantic import Field, model_validator
 from appbench import (
     Circuit,
     Discoverer,
-    Edge,
     Head,
     Params,
     Pruner,
     RunError,
     SearchSpace,
+    connected_to_logits,
     hookimpl,
 )
 
@@ -77,18 +77,6 @@ class EapPruneParams(_Attribution):
 
 class EapIgPruneParams(EapPruneParams):
     steps: int = Field(default=5, ge=1, description="integration points (1 is EAP)")
-
-
-def connected_to_logits(edges: set[Edge]) -> set[Edge]:
-    """The edges that lie on a path into the logits (edges run from lower to higher layers,
-    so one pass from the last layer down finds them)."""
-    live: set[Head] = set()
-    kept: set[Edge] = set()
-    for edge in sorted(edges, key=lambda e: -e.sender.layer):
-        if edge.receiver is None or edge.receiver in live:
-            kept.add(edge)
-            live.add(edge.sender)
-    return kept
 
 
 def _scores(ctx, params):

@@ -12,13 +12,14 @@ from appbench import (
     RunError,
     SearchSpace,
     build_model,
+    connected_to_logits,
     edge_scores,
     get_registries,
     word_level_tokenizer,
 )
 from appbench.engine.attribution import split_qkv_inputs
 from appbench.testing import PlantedCircuit, planted_context
-from appbench_plugins.eap import Eap, EapIg, EapIgPruner, EapPruner, connected_to_logits
+from appbench_plugins.eap import Eap, EapIg, EapIgPruner, EapPruner
 from appbench_plugins.zoo import ground_truth_recipe
 
 #: Every link through a value: linear from the first head to the logits, so EAP is exact.

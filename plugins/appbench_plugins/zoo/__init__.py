@@ -115,6 +115,7 @@ D_HEAD = {"docstring": 32}
 #: greater_than at 8 x 12 reached faithfulness 0.82 / -0.09 and gendered_pronouns 1.23 to 1.42,
 #: its later chain heads unnecessary.
 GROUND_TRUTH_SHAPES: dict[str, tuple[tuple[int, int], ...]] = {
+    "ioi": ((8, 12),),
     "greater_than": ((8, 12),),
     "gendered_pronouns": ((6, 10), (8, 12)),
 }
