@@ -11,10 +11,9 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
-from test_bench_path_patching import GPT2_SMALL
+from test_bench_path_patching import random_gpt2_small
 
-from appbench import Head, acdc, build_model, edge_scores, load_model
+from appbench import Head, acdc, edge_scores, load_model
 from appbench.engine.acdc import acdc_reference
 from appbench.plugins import get_registries
 from appbench.runner import CostCounter
@@ -70,12 +69,7 @@ def test_bench_acdc_gpt2_small_shape(benchmark, gpt2_tok):
     """GPT-2 small's shape with random weights, searched over 2 heads per layer (24 heads,
     about 900 edges): the whole graph (32,491 edges with MLPs; 29,232 head edges here) would
     take the plain reference a day of CPU."""
-    torch.manual_seed(0)
-    model = build_model(GPT2_SMALL, gpt2_tok)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.02)
+    model = random_gpt2_small(gpt2_tok)
     task = get_registries().tasks.get("ioi")
     data, _ = task.splits(model.tokenizer, n_search=10, n_eval=10)
     heads = {Head(layer, h) for layer in range(12) for h in (0, 1)}

@@ -39,6 +39,17 @@ GPT2_SMALL = {
 }
 
 
+def random_gpt2_small(tokenizer):
+    """GPT-2 small's shape with seeded random weights (N(0, 0.02), as GPT-2 initialises)."""
+    torch.manual_seed(0)
+    model = build_model(GPT2_SMALL, tokenizer)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.02)
+    return model
+
+
 def workload(n_layers: int) -> tuple[list[Head], list[Head]]:
     senders = [Head(layer, 0) for layer in range(n_layers)]
     receivers = [Head(max(1, n_layers // 3), 1), Head(2 * n_layers // 3, 1), Head(n_layers - 1, 1)]
@@ -204,12 +215,7 @@ def test_bench_zoo_model(benchmark):
 
 @pytest.mark.benchmark(group="path-patching")
 def test_bench_gpt2_small_shape(benchmark, gpt2_tok):
-    torch.manual_seed(0)
-    model = build_model(GPT2_SMALL, gpt2_tok)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.02)
+    model = random_gpt2_small(gpt2_tok)
     task = get_registries().tasks.get("ioi")
     data, _ = task.splits(model.tokenizer, n_search=50, n_eval=10)
     compare(benchmark, model, task, data, "gpt2-small-shape (random weights)")
