@@ -10,7 +10,21 @@ from typing import Any
 
 import pluggy
 
-from appbench.circuit import QKV, Circuit, Edge, Head, SearchSpace, connected_to_logits
+from appbench.circuit import (
+    INPUT,
+    QKV,
+    Circuit,
+    Edge,
+    Head,
+    InputNode,
+    Mlp,
+    SearchSpace,
+    connected_to_logits,
+    graph_edges,
+    heads_of,
+    model_graph,
+    parse_node,
+)
 from appbench.engine.reference import (
     PathPatchingBaseline,
     input_head_index,
@@ -74,11 +88,14 @@ def __getattr__(name: str) -> Any:
 hookimpl = pluggy.HookimplMarker("appbench")
 
 __all__ = [
+    "INPUT",
     "QKV",
     "Circuit",
     "Discoverer",
     "Edge",
     "Head",
+    "InputNode",
+    "Mlp",
     "ModelLoadError",
     "NotCausalError",
     "Params",
@@ -107,7 +124,9 @@ __all__ = [
     "distinct_pairs",
     "edge_scores",
     "get_registries",
+    "graph_edges",
     "head_scores",
+    "heads_of",
     "hookimpl",
     "input_head_index",
     "load_hf_directory",
@@ -116,6 +135,8 @@ __all__ = [
     "load_tokenizer",
     "mean_of_ids",
     "metric_gap",
+    "model_graph",
+    "parse_node",
     "path_patching_baseline",
     "save_model_folder",
     "sender_scores_to_logits",

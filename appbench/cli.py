@@ -40,12 +40,21 @@ DEVICE = _Device()
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's input or environment, not appbench bugs: one line, exit 2."""
     from appbench.errors import RunError
+    from appbench.interchange import InterchangeError
     from appbench.models import ModelLoadError
     from appbench.registry import PluginError, UnknownNameError
     from appbench.results import ResultFileError
     from appbench.tasks import TaskError
 
-    return (UnknownNameError, PluginError, ModelLoadError, TaskError, RunError, ResultFileError)
+    return (
+        UnknownNameError,
+        PluginError,
+        ModelLoadError,
+        TaskError,
+        RunError,
+        ResultFileError,
+        InterchangeError,
+    )
 
 
 @contextmanager
@@ -677,6 +686,72 @@ def reference_build(
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(ref_file.model_dump_json(indent=2) + "\n")
     click.echo(f"{path}: {len(result.circuit['heads'])} heads ({key} v{version})")
+
+
+@cli.group()
+def circuit() -> None:
+    """Move circuits between appbench and the EAP-IG library's Graph JSON (MIB's format)."""
+
+
+@circuit.command("export")
+@click.argument("result_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["eap-ig", "mib"]),
+    default="eap-ig",
+    show_default=True,
+    help="eap-ig: the circuit as EAP-IG's Graph JSON; mib: the same as an importance-score "
+    "file (every edge must carry a score).",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Graph file to write [default: beside the result, <name>.<format>.json].",
+)
+def circuit_export(result_file: Path, fmt: str, out: Path | None) -> None:
+    """Write the circuit of RESULT_FILE (an `appbench run` result) as an EAP-IG / MIB graph."""
+    from appbench.circuit import Circuit
+    from appbench.interchange import InterchangeError, to_graph_json, write_json_atomically
+    from appbench.results import load_result
+
+    result = load_result(result_file)
+    if result.graph_config is None:
+        fail(f"{result_file} does not record the model's shape (run it again with this appbench)")
+    try:
+        found = Circuit.from_dict(result.circuit)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InterchangeError(f"{result_file}: its circuit is malformed ({exc})") from None
+    document = to_graph_json(found, result.graph_config, fmt)
+    target = out or result_file.with_name(f"{result_file.stem}.{fmt}.json")
+    write_json_atomically(target, document)
+    edges = document["edges"].values()
+    kept = sum(1 for e in edges if e["in_graph"])
+    scored = sum(1 for e in edges if e["score"] == e["score"])
+    click.echo(f"{target}: {kept} of {len(edges)} edges in the graph, {scored} scored ({fmt})")
+
+
+@circuit.command("import")
+@click.argument("graph_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="appbench circuit file to write.",
+)
+def circuit_import(graph_file: Path, out: Path) -> None:
+    """Read an EAP-IG / MIB Graph JSON (NaN scores allowed) into an appbench circuit file."""
+    from appbench.interchange import read_graph_file, write_json_atomically
+
+    found = read_graph_file(graph_file)
+    write_json_atomically(out, found.to_dict())
+    click.echo(
+        f"{out}: {len(found.edges)} edges, {len(found.heads)} heads, {len(found.mlps)} MLPs, "
+        f"{len(found.edge_scores)} scores"
+    )
 
 
 def _register_plugin_commands() -> None:

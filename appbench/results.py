@@ -99,7 +99,8 @@ class Overlap(BaseModel):
     edge_precision: float | None = Field(
         default=None,
         description="edge level, |C∩R|/|C| over edges; None unless both the circuit and the "
-        "reference have edges",
+        "reference have edges. Against a reference on the head graph only the circuit's edges "
+        "between heads (and into the logits) are compared",
     )
     edge_recall: float | None = Field(default=None, description="edge level, |C∩R|/|R|")
     edge_f1: float | None = Field(default=None, description="edge level, F1")
@@ -195,6 +196,11 @@ class RunResult(BaseModel):
     n_layers: int = Field(description="layers of the model")
     n_heads: int = Field(description="query heads per layer")
     total_heads: int = Field(description="n_layers × n_heads")
+    graph_config: dict[str, Any] | None = Field(
+        default=None,
+        description="the model's shape as the EAP-IG / MIB graph needs it (n_layers, n_heads, "
+        "d_model, attn_only, parallel_attn_mlp), for `appbench circuit export`",
+    )
     search_space: dict[str, Any] = Field(
         description="the pruner's search space (heads, scores, details)"
     )
@@ -207,8 +213,9 @@ class RunResult(BaseModel):
     faithfulness: Faithfulness = Field(description="faithfulness on the evaluation split")
     edge_faithfulness: Faithfulness | None = Field(
         default=None,
-        description="for a circuit with edges: the same, with every edge between circuit heads "
-        "that is not in the circuit also patched to its sender's ablated activation",
+        description="for a circuit with edges: the same, with every edge between circuit nodes "
+        "that is not in the circuit also patched to its sender's ablated output (in the full "
+        "graph, MLPs and the input outside the circuit ablated too)",
     )
     reference: Reference | None = Field(description="circuit used for overlap, with its source")
     overlap: Overlap | None = Field(description="overlap with the reference")

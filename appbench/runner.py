@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from appbench import metrics
-from appbench.circuit import Circuit, Head, SearchSpace
+from appbench.circuit import Circuit, Edge, Head, SearchSpace
 from appbench.errors import RunError
 from appbench.flags import baseline_differences, circuit_flags, reference_flags
 from appbench.interfaces import Discoverer, Params, Pruner, RunContext
@@ -316,19 +316,65 @@ def evaluate_circuits(ctx: RunContext, circuits: Sequence[frozenset[Head]]) -> l
 
 def evaluate_edge_circuit(ctx: RunContext, circuit: Circuit, node: Faithfulness) -> Faithfulness:
     """Faithfulness of ``circuit``'s edges: as the node circuit's (same m(M) and m(∅)), with the
-    edges between its heads that it leaves out patched too."""
+    edges between its nodes that it leaves out patched too; in the full graph MLPs and the input
+    outside the circuit are ablated as heads are."""
+    import torch
+
     from appbench.engine.acdc import edge_circuit_metric
 
     engine, data = ctx.engine, ctx.evaluation
     means = engine.per_prompt(engine.group_means(engine.cache_z(data.corrupt), data), data)
+    full = circuit.graph == "full"
+    source_mlp: list[torch.Tensor] = []
+    source_embed = None
+    if full:
+        names = {f"blocks.{i}.hook_mlp_out" for i in range(ctx.n_layers)} | {
+            "blocks.0.hook_resid_pre"
+        }
+        with torch.no_grad():
+            _, cache = ctx.model.run_with_cache(data.corrupt, names_filter=lambda n: n in names)
+        # Per-template means as for the heads: [L, N, T, 1, d] through the same helpers.
+        stacked = [cache["blocks.0.hook_resid_pre"]] + [
+            cache[name]
+            for name in sorted(names - {"blocks.0.hook_resid_pre"}, key=_layer_of)
+            if name in cache
+        ]
+        outs = engine.per_prompt(
+            engine.group_means(torch.stack(stacked)[:, :, :, None], data), data
+        )[:, :, :, 0]
+        source_embed, source_mlp = outs[0], list(outs[1:])
     value = edge_circuit_metric(
-        ctx.model, ctx.task, data, circuit.edges, [means[layer] for layer in range(ctx.n_layers)]
+        ctx.model,
+        ctx.task,
+        data,
+        circuit.edges,
+        [means[layer] for layer in range(ctx.n_layers)],
+        full=full,
+        source_mlp=source_mlp,
+        source_embed=source_embed,
     )
+    what = "node" if full else "head"
     return Faithfulness(
         **metrics.faithfulness(node.m_model, node.m_empty, value).to_dict(),  # type: ignore[arg-type]
-        ablation="as the node circuit's, and every edge between circuit heads that is not in the "
-        "circuit patched to its sender's ablated activation (the receiver's own q/k/v input)",
+        ablation=f"every {what} outside the circuit replaced by its per-template, per-position "
+        f"mean over the corrupted prompts, and every edge between circuit {what}s that is not in "
+        "the circuit patched to its sender's ablated output (the receiver's own input)",
     )
+
+
+def graph_config(cfg: Any) -> dict[str, Any]:
+    """A model's shape as the EAP-IG / MIB graph file records it."""
+    return {
+        "n_layers": int(cfg.n_layers),
+        "n_heads": int(cfg.n_heads),
+        "d_model": int(cfg.d_model),
+        "attn_only": bool(getattr(cfg, "attn_only", False)),
+        "parallel_attn_mlp": bool(getattr(cfg, "parallel_attn_mlp", False)),
+    }
+
+
+def _layer_of(hook_name: str) -> int:
+    return int(hook_name.split(".")[1])
 
 
 def evaluate_circuit(ctx: RunContext, heads: frozenset[Head]) -> Faithfulness:
@@ -364,13 +410,21 @@ def _edge_and_score_overlap(circuit: Circuit, reference: Reference) -> dict[str,
         if circuit.scores
         else None
     }
+    # A reference on the head graph (every edge between heads, as path patching and the
+    # ground-truth cards give them) is compared with the circuit's edges on that graph: a
+    # full-graph circuit's input and MLP edges have no counterpart in it.
+    on_heads = all(Edge.parse(e).between_heads for e in reference.edges)
+    edge_ids = {e.id for e in circuit.edges if e.between_heads or not on_heads}
     if circuit.edges and reference.edges:
-        edges = metrics.overlap_sets({e.id for e in circuit.edges}, set(reference.edges))
+        edges = metrics.overlap_sets(edge_ids, set(reference.edges))
         found |= {"edge_precision": edges[0], "edge_recall": edges[1], "edge_f1": edges[2]}
     if circuit.edge_scores and reference.edges:
-        found["edge_auroc"] = metrics.score_auroc(
-            circuit.edge_scores, reference.edges, circuit.edge_scores
-        )
+        scored = {
+            e: s
+            for e, s in circuit.edge_scores.items()
+            if not on_heads or Edge.parse(e).between_heads
+        }
+        found["edge_auroc"] = metrics.score_auroc(scored, reference.edges, scored)
     return found
 
 
@@ -650,6 +704,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
     )
     result = RunResult(
         **fields,
+        graph_config=graph_config(ctx.model.cfg),
         n_layers=ctx.n_layers,
         n_heads=ctx.n_heads,
         total_heads=space.total_heads,

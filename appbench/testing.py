@@ -258,6 +258,9 @@ PLANTED_GQA_EDGES = frozenset(
         "a1.h7->logits",
     }
 )
+#: The same in the full EAP-IG / MIB graph: a0.h0 and a0.h4 read the signal token through
+#: their values.
+PLANTED_GQA_FULL_EDGES = PLANTED_GQA_EDGES | {"input->a0.h0<v>", "input->a0.h4<v>"}
 
 
 class _Wiring:
@@ -606,6 +609,12 @@ class PlantedCircuit:
             if i
         }
         return frozenset(links | {f"{self.chain[-1][0].id}->logits"})
+
+    @property
+    def full_edges(self) -> frozenset[str]:
+        """The planted edges in the full EAP-IG / MIB graph: :attr:`edges` and the first head
+        reading the signal token from the input through its value."""
+        return self.edges | {f"input->{self.chain[0][0].id}<v>"}
 
     def build(self, device: str = "cpu") -> Any:
         """The model, weights set by hand (no training)."""

@@ -13,7 +13,7 @@ import time
 import pytest
 from test_bench_path_patching import random_gpt2_small
 
-from appbench import Head, acdc, edge_scores, load_model
+from appbench import Edge, Head, acdc, edge_scores, load_model
 from appbench.engine.acdc import acdc_reference
 from appbench.plugins import get_registries
 from appbench.runner import CostCounter
@@ -36,6 +36,13 @@ def acdc_ratios(benchmark, model, data, heads, label):
         lambda: costed(model, lambda: acdc(model, task, data, heads)), rounds=1, iterations=1
     )
     assert fast.edges == plain.edges and fast.tested == plain.tested
+    n_layers = int(model.cfg.n_layers)
+    # What restarting at the receiver's layer can save at most: each tested edge run once from
+    # its receiver's layer (the logits from the last layer), against every layer.
+    suffix = 0
+    for ids, _, _ in fast.trace:
+        receiver = Edge.parse(ids.split(", ")[0]).receiver
+        suffix += n_layers - (n_layers - 1 if receiver is None else receiver.layer)
     info = {
         "model": label,
         "heads_searched": len(heads),
@@ -47,6 +54,7 @@ def acdc_ratios(benchmark, model, data, heads, label):
         "reference_gflop": round(plain_flops / 1e9, 2),
         "engine_gflop": round(fast_flops / 1e9, 2),
         "flops_ratio": round(plain_flops / fast_flops, 2),
+        "restart_bound_ratio": round(n_layers * fast.tested / suffix, 2),
         "reference_runs": plain.forward_runs,
         "engine_runs": fast.forward_runs,
     }
@@ -66,9 +74,9 @@ def test_bench_acdc_on_the_default_model(benchmark):
 
 @pytest.mark.benchmark(group="acdc")
 def test_bench_acdc_gpt2_small_shape(benchmark, gpt2_tok):
-    """GPT-2 small's shape with random weights, searched over 2 heads per layer (24 heads,
-    about 900 edges): the whole graph (32,491 edges with MLPs; 29,232 head edges here) would
-    take the plain reference a day of CPU."""
+    """GPT-2 small's shape with random weights, searched over 2 heads per layer (24 heads, and
+    every MLP and the input: about 1,700 edges of the full graph); the whole graph (32,491
+    edges) would take the plain reference a day of CPU."""
     model = random_gpt2_small(gpt2_tok)
     task = get_registries().tasks.get("ioi")
     data, _ = task.splits(model.tokenizer, n_search=10, n_eval=10)

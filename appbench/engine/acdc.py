@@ -1,22 +1,26 @@
-"""ACDC (Conmy et al. 2023, "Towards Automated Circuit Discovery", arXiv:2304.14997) on the
-head-level edge graph, fast and plain.
+"""ACDC (Conmy et al. 2023, "Towards Automated Circuit Discovery", arXiv:2304.14997) on an
+edge graph, fast and plain.
 
-The graph is the one path patching measures: every head -> later head's q, k or v input, and
-every head -> logits. ACDC starts from the whole graph and visits the receivers in reverse
-topological order (the logits, then the heads from the last layer down); for each incoming
-edge in turn it *removes* the edge, i.e. the receiver's input sees the sender's corrupted
-output instead of its output in the current graph, and keeps it removed when the distance
-between the full model's output and the current graph's grows by less than ``tau``. The
-distance is the KL divergence of the next-token distributions at the target position, or the
-loss of the task metric as a fraction of the clean-corrupted gap. A head none of whose
-outgoing edges survives is dead: its own inputs are not tested (its output reaches nothing).
-Edges into or out of heads outside the search space are never tested and stay in the graph
-(clean), and are not part of the circuit.
+The graph (:func:`appbench.circuit.model_graph`) is the EAP-IG / MIB one (``full``): the input,
+every head with separate q/k/v inputs, every MLP and the logits, each node reading every earlier
+one directly through the residual stream; or (``full=False``) only head -> later head q/k/v
+and head -> logits, the paths path patching measures, with MLPs and the input left whole.
+ACDC starts from the whole graph and visits the receivers in reverse topological order (the
+logits, then per layer from the last down its MLP and its heads); for each incoming edge in
+turn it *removes* the edge, i.e. the receiver's input sees the sender's corrupted output
+instead of its output in the current graph, and keeps it removed when the distance between the
+full model's output and the current graph's grows by less than ``tau``. The distance is the KL
+divergence of the next-token distributions at the target position, or the loss of the task
+metric as a fraction of the clean-corrupted gap. A node none of whose outgoing edges survives
+is dead: its own inputs are not tested (its output reaches nothing). Edges into or out of heads
+outside the search space are never tested and stay in the graph (clean), and are not part of
+the circuit; MLPs and the input are never pruned away by a head-level search space.
 
-Removing an edge u -> v<i> subtracts ``(z_u - z_u(corrupt)) W_O[u]`` from v's own copy of its
-input i (TransformerLens's split-qkv-input mode), where z_u is u's activation in the current
-graph's run. For grouped-query attention a k or v input is the key-value head's, shared by its
-group (as in :func:`appbench.engine.reference.input_head_index`): one edge, tested once.
+Removing an edge u -> v subtracts ``out_u - out_u(corrupt)`` from v's own copy of its input
+(TransformerLens's split-qkv-input mode for heads, ``hook_mlp_in`` for MLPs), where out_u is
+what u writes into the residual stream in the current graph's run (``z W_O`` for a head). For
+grouped-query attention a k or v input is the key-value head's, shared by its group (as in
+:func:`appbench.engine.reference.input_head_index`): one edge, tested once.
 
 Two drivers, same decisions:
 
@@ -37,18 +41,28 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from appbench.circuit import QKV, Edge, Head, connected_to_logits
-from appbench.engine.attribution import split_qkv_inputs
+from appbench.circuit import (
+    INPUT,
+    QKV,
+    Edge,
+    Head,
+    Mlp,
+    Sender,
+    connected_to_logits,
+    model_graph,
+)
+from appbench.engine.attribution import has_mlps, receiver_inputs
 from appbench.engine.reference import input_head_index, metric_gap
 
 if TYPE_CHECKING:
     from appbench.tasks import Task, TaskData
 
 Distance = Literal["kl", "metric"]
-#: A receiver input: (layer, "q" | "k" | "v", index into that hook's head axis), or the logits.
+#: A receiver input: (layer, "q" | "k" | "v" | "mlp", index into that hook's head axis), or
+#: the logits.
 Slot = tuple[int, str, int] | None
 #: An edge as ACDC tests it: (sender, receiver input).
-Candidate = tuple[Head, Slot]
+Candidate = tuple[Sender, Slot]
 #: Candidates in a receiver's first speculative batch, and again after each kept edge.
 FIRST_BATCH = 4
 
@@ -72,20 +86,25 @@ class _Graph:
         self.model, self.task, self.data, self.distance = model, task, data, distance
         cfg = model.cfg
         self.n_layers, self.n_heads = int(cfg.n_layers), int(cfg.n_heads)
+        self.mlps = has_mlps(cfg)
         self.w_o = model.W_O.detach()
         self.rows = torch.arange(len(data), device=data.clean.device)
 
         def wanted(name: str) -> bool:
-            return name.endswith("attn.hook_z") or name.endswith("hook_resid_pre")
+            return name.endswith(("attn.hook_z", "hook_resid_pre", "hook_mlp_out"))
 
         with torch.no_grad():
             corrupt_logits, cache = model.run_with_cache(data.corrupt, names_filter=wanted)
-            self.z_corrupt = [cache[f"blocks.{i}.attn.hook_z"] for i in range(self.n_layers)]
+            #: What a removed edge's sender sends instead: its corrupted output.
+            self.z_source = [cache[f"blocks.{i}.attn.hook_z"] for i in range(self.n_layers)]
+            self.mlp_source = self._mlp_outs(cache)
+            self.embed_source = cache["blocks.0.hook_resid_pre"]
             full_logits, cache = model.run_with_cache(data.clean, names_filter=wanted)
             # ACDC decides the receivers from the last layer down, so while it decides those of
             # layer l no edge into an earlier layer has been removed: the residual stream before
             # l and the activations of the layers below are the clean run's.
             self.z_clean = [cache[f"blocks.{i}.attn.hook_z"] for i in range(self.n_layers)]
+            self.mlp_clean = self._mlp_outs(cache)
             self.resid_clean = [cache[f"blocks.{i}.hook_resid_pre"] for i in range(self.n_layers)]
             full = self._at_target(full_logits)
             corrupt = self._at_target(corrupt_logits)
@@ -93,8 +112,13 @@ class _Graph:
         self.m_full = task.metric(full.float(), data).mean().item()
         self.m_corrupt = task.metric(corrupt.float(), data).mean().item()
         self.forward_runs = 0
-        #: Heads whose own activation is replaced by the patch source in every run.
-        self.ablated: frozenset[Head] = frozenset()
+        #: Nodes whose own output is replaced by the patch source in every run.
+        self.ablated: frozenset[Sender] = frozenset()
+
+    def _mlp_outs(self, cache: Any) -> list[torch.Tensor]:
+        if not self.mlps:
+            return []
+        return [cache[f"blocks.{i}.hook_mlp_out"] for i in range(self.n_layers)]
 
     @property
     def gap(self) -> float:
@@ -120,32 +144,55 @@ class _Graph:
         start: int = 0,
         resid: torch.Tensor | None = None,
         z_before: Sequence[torch.Tensor] = (),
+        mlp_before: Sequence[torch.Tensor] = (),
     ) -> torch.Tensor:
         """Target logits [K, N, V] of each variant (a set of removed edges).
 
         Starts at layer ``start`` from the residual stream ``resid`` [N, T, d] (and the earlier
-        layers' activations ``z_before``), shared by every variant.
+        layers' head activations ``z_before`` and MLP outputs ``mlp_before``), shared by every
+        variant.
         """
         k, n = len(variants), len(self.data)
         z_now: dict[int, torch.Tensor] = {i: z.repeat(k, 1, 1, 1) for i, z in enumerate(z_before)}
-
-        ablated = {
-            layer: [h.head for h in self.ablated if h.layer == layer]
+        mlp_now: dict[int, torch.Tensor] = {i: m.repeat(k, 1, 1) for i, m in enumerate(mlp_before)}
+        embed = self.embed_source if INPUT in self.ablated else self.resid_clean[0]
+        ablated_heads = {
+            layer: [n.head for n in self.ablated if isinstance(n, Head) and n.layer == layer]
             for layer in range(self.n_layers)
         }
 
         def keep_z(z: torch.Tensor, hook: Any) -> torch.Tensor:
             layer = hook.layer()
-            if ablated[layer]:
+            if ablated_heads[layer]:
                 z = z.clone()
-                source = self.z_corrupt[layer].repeat(k, 1, 1, 1)
-                z[:, :, ablated[layer]] = source[:, :, ablated[layer]]
+                source = self.z_source[layer].repeat(k, 1, 1, 1)
+                z[:, :, ablated_heads[layer]] = source[:, :, ablated_heads[layer]]
             z_now[layer] = z
             return z
 
+        def keep_mlp(out: torch.Tensor, hook: Any) -> torch.Tensor:
+            layer = hook.layer()
+            if Mlp(layer) in self.ablated:
+                out = self.mlp_source[layer].repeat(k, 1, 1)
+            mlp_now[layer] = out
+            return out
+
+        def ablate_input(resid: torch.Tensor, hook: Any) -> torch.Tensor:
+            return self.embed_source.repeat(k, 1, 1)
+
+        def sent(sender: Sender) -> torch.Tensor:
+            """What removing an edge from ``sender`` subtracts: current minus source output."""
+            if isinstance(sender, Head):
+                current = z_now[sender.layer][:, :, sender.head]
+                source = self.z_source[sender.layer][:, :, sender.head].repeat(k, 1, 1)
+                return (current - source) @ self.w_o[sender.layer, sender.head]
+            if isinstance(sender, Mlp):
+                return mlp_now[sender.layer] - self.mlp_source[sender.layer].repeat(k, 1, 1)
+            return (embed - self.embed_source).repeat(k, 1, 1)
+
         def correct(slot_kind: str | None, layer: int) -> Callable[..., torch.Tensor]:
             # Per sender, which variant removes it from which index of this hook.
-            by_sender: dict[Head, torch.Tensor] = {}
+            by_sender: dict[Sender, torch.Tensor] = {}
             for v, removed in enumerate(variants):
                 for sender, slot in removed:
                     if (slot is None) != (slot_kind is None):
@@ -162,11 +209,9 @@ class _Graph:
                     return x
                 x = x.clone()
                 for sender, mask in by_sender.items():
-                    current = z_now[sender.layer][:, :, sender.head]
-                    corrupt = self.z_corrupt[sender.layer][:, :, sender.head].repeat(k, 1, 1)
-                    diff = (current - corrupt) @ self.w_o[sender.layer, sender.head]
+                    diff = sent(sender)
                     diff = diff.view(k, n, *diff.shape[1:])
-                    if slot_kind is None:
+                    if slot_kind is None or slot_kind == "mlp":
                         weights = mask[:, 0].to(x.device, x.dtype).view(k, 1, 1, 1)
                         x = x - (diff * weights).view_as(x)
                     else:
@@ -178,12 +223,17 @@ class _Graph:
             return hook
 
         hooks: list[tuple[str, Any]] = []
+        if start == 0 and INPUT in self.ablated:
+            hooks.append(("blocks.0.hook_resid_pre", ablate_input))
         for layer in range(start, self.n_layers):
             hooks.append((f"blocks.{layer}.attn.hook_z", keep_z))
-            for kind in ("q", "k", "v"):
+            for kind in QKV:
                 hooks.append((f"blocks.{layer}.hook_{kind}_input", correct(kind, layer)))
+            if self.mlps:
+                hooks.append((f"blocks.{layer}.hook_mlp_in", correct("mlp", layer)))
+                hooks.append((f"blocks.{layer}.hook_mlp_out", keep_mlp))
         hooks.append((f"blocks.{self.n_layers - 1}.hook_resid_post", correct(None, -1)))
-        with torch.no_grad(), split_qkv_inputs(self.model), self.model.hooks(fwd_hooks=hooks):
+        with torch.no_grad(), receiver_inputs(self.model), self.model.hooks(fwd_hooks=hooks):
             if start == 0:
                 logits = self.model(self.data.clean.repeat(k, 1))
             else:
@@ -195,37 +245,60 @@ class _Graph:
         return at_target.view(k, n, -1)
 
 
-def _slots_of(cfg: Any, receiver: Head) -> list[Slot]:
-    return [(receiver.layer, kind, input_head_index(cfg, receiver, kind)) for kind in "qkv"]
+def _slot(cfg: Any, edge: Edge) -> Slot:
+    """The receiver input an edge enters."""
+    if edge.receiver is None:
+        return None
+    if isinstance(edge.receiver, Mlp):
+        return (edge.receiver.layer, "mlp", 0)
+    return (edge.receiver.layer, edge.input, input_head_index(cfg, edge.receiver, edge.input))
 
 
-def _receivers(cfg: Any, space: frozenset[Head]) -> list[tuple[Slot, list[Head]]]:
-    """Receiver inputs in ACDC's order (logits, then layers from the last down), each with the
-    query heads that read it (a k or v input of a GQA model is read by its whole group)."""
-    n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
-    order: list[tuple[Slot, list[Head]]] = [(None, [])]
-    for layer in range(n_layers - 1, 0, -1):
-        readers: dict[Slot, list[Head]] = {}
-        for h in range(n_heads):
-            for slot in _slots_of(cfg, Head(layer, h)):
-                readers.setdefault(slot, []).append(Head(layer, h))
-        order += [(slot, heads) for slot, heads in readers.items() if set(heads) & space]
-    return order
+def _receivers(
+    cfg: Any, graph: list[Edge], space: frozenset[Head]
+) -> list[tuple[Slot, list[Head], list[Sender]]]:
+    """Receiver inputs in ACDC's order (logits, then per layer from the last down its MLP and
+    its heads), each with the query heads that read it (a k or v input of a GQA model is read
+    by its whole group) and its candidate senders from the search space, the latest first."""
+    readers: dict[Slot, list[Head]] = {}
+    senders: dict[Slot, set[Sender]] = {}
+    for edge in graph:
+        if isinstance(edge.sender, Head) and edge.sender not in space:
+            continue
+        slot = _slot(cfg, edge)
+        senders.setdefault(slot, set()).add(edge.sender)
+        if isinstance(edge.receiver, Head):
+            group = readers.setdefault(slot, [])
+            if edge.receiver not in group:
+                group.append(edge.receiver)
 
+    def order(slot: Slot) -> tuple[int, ...]:
+        if slot is None:
+            return (0,)
+        if slot[1] == "mlp":
+            return (1, -slot[0], 0)
+        # Head by head, each one's q, k, v (a shared GQA input where its first reader is).
+        return (1, -slot[0], 1, min(h.head for h in readers[slot]), QKV.index(slot[1]))
 
-def _candidates(slot: Slot, space: frozenset[Head], n_layers: int) -> list[Candidate]:
-    """Senders into ``slot`` from the search space, the latest layer first."""
-    below = n_layers if slot is None else slot[0]
-    return sorted(
-        ((h, slot) for h in space if h.layer < below),
-        key=lambda c: (-c[0].layer, c[0].head),
-    )
+    def latest_first(sender: Sender) -> tuple[int, int, int]:
+        layer, rank, index = sender.sort_key
+        return (-layer, -rank, index)
+
+    out = []
+    for slot in sorted(senders, key=order):
+        heads = readers.get(slot, [])
+        if heads and not set(heads) & space:
+            continue
+        out.append((slot, heads, sorted(senders[slot], key=latest_first)))
+    return out
 
 
 def _edge_ids(candidate: Candidate, readers: list[Head], space: frozenset[Head]) -> list[Edge]:
     sender, slot = candidate
     if slot is None:
         return [Edge(sender, None)]
+    if slot[1] == "mlp":
+        return [Edge(sender, Mlp(slot[0]))]
     return [Edge(sender, r, slot[1]) for r in readers if r in space]
 
 
@@ -239,31 +312,37 @@ def _run_acdc(
     batched: bool,
     log: Callable[[str], None],
     max_rows: int = 1024,
+    full: bool = True,
 ) -> AcdcResult:
     if tau < 0 or tau != tau:
         raise ValueError(f"tau must be a non-negative number, got {tau}")
     heads = frozenset(space)
     graph = _Graph(model, task, data, distance)
     cfg = model.cfg
+    edges_of_graph = model_graph(cfg, full)
+    out_slots: dict[Sender, list[tuple[Slot, Sender | None]]] = {}
+    for edge in edges_of_graph:
+        out_slots.setdefault(edge.sender, []).append((_slot(cfg, edge), edge.receiver))
     removed: set[Candidate] = set()
     kept: set[Candidate] = set()
-    dead: set[Head] = set()
+    dead: set[Sender] = set()
     readers_of: dict[Slot, list[Head]] = {}
     trace: list[tuple[str, float, bool]] = []
     current = graph.distances(graph.run([frozenset()]))[0]
     tested = 0
-    receivers = _receivers(cfg, heads)
+    receivers = _receivers(cfg, edges_of_graph, heads)
     per_run = max(1, max_rows // len(data))
-    for number, (slot, readers) in enumerate(receivers):
+    for number, (slot, readers, senders) in enumerate(receivers):
         readers_of[slot] = readers
         if slot is not None:
-            for reader in readers:
-                if reader not in dead and not _alive(reader, removed, dead, cfg):
-                    dead.add(reader)
-            # A receiver input matters only while one of its heads still sends somewhere.
-            if set(readers) <= dead:
+            owners: list[Sender] = list(readers) if slot[1] != "mlp" else [Mlp(slot[0])]
+            for owner in owners:
+                if owner not in dead and not _alive(owner, removed, dead, out_slots):
+                    dead.add(owner)
+            # A receiver input matters only while one of its nodes still sends somewhere.
+            if set(owners) <= dead:
                 continue
-        candidates = _candidates(slot, heads, graph.n_layers)
+        candidates = [(sender, slot) for sender in senders]
         # Rerunning from the receiver's layer: the logits' "layer" is the last one.
         start = graph.n_layers - 1 if slot is None else slot[0]
         done = 0
@@ -283,6 +362,7 @@ def _run_acdc(
                     start=start,
                     resid=graph.resid_clean[start],
                     z_before=graph.z_clean[:start],
+                    mlp_before=graph.mlp_clean[:start],
                 )
                 values = graph.distances(logits)
             else:
@@ -315,19 +395,18 @@ def _run_acdc(
     )
 
 
-def _alive(head: Head, removed: set[Candidate], dead: set[Head], cfg: Any) -> bool:
-    """Whether ``head`` still sends into the logits or into an input of a later live head that
+def _alive(
+    node: Sender,
+    removed: set[Candidate],
+    dead: set[Sender],
+    out_slots: dict[Sender, list[tuple[Slot, Sender | None]]],
+) -> bool:
+    """Whether ``node`` still sends into the logits or into an input of a later live node that
     was not removed (edges into heads outside the space are never tested: present)."""
-    if (head, None) not in removed:
-        return True
-    for layer in range(head.layer + 1, int(cfg.n_layers)):
-        for h in range(int(cfg.n_heads)):
-            receiver = Head(layer, h)
-            if receiver in dead:
-                continue
-            if any((head, slot) not in removed for slot in _slots_of(cfg, receiver)):
-                return True
-    return False
+    return any(
+        (receiver is None or receiver not in dead) and (node, slot) not in removed
+        for slot, receiver in out_slots.get(node, [])
+    )
 
 
 def acdc(
@@ -339,10 +418,11 @@ def acdc(
     distance: Distance = "kl",
     log: Callable[[str], None] = lambda line: None,
     max_rows: int = 1024,
+    full: bool = True,
 ) -> AcdcResult:
-    """ACDC, the candidates of a receiver batched (``max_rows`` prompt rows per run) and run
-    from the receiver's layer."""
-    return _run_acdc(model, task, data, space, tau, distance, True, log, max_rows)
+    """ACDC on ``model_graph(cfg, full)``, the candidates of a receiver batched (``max_rows``
+    prompt rows per run) and run from the receiver's layer."""
+    return _run_acdc(model, task, data, space, tau, distance, True, log, max_rows, full)
 
 
 def acdc_reference(
@@ -352,9 +432,10 @@ def acdc_reference(
     space: Iterable[Head],
     tau: float = 0.01,
     distance: Distance = "kl",
+    full: bool = True,
 ) -> AcdcResult:
     """ACDC done plainly: one full forward pass per tested edge."""
-    return _run_acdc(model, task, data, space, tau, distance, False, lambda line: None)
+    return _run_acdc(model, task, data, space, tau, distance, False, lambda line: None, full=full)
 
 
 def edge_circuit_metric(
@@ -363,35 +444,44 @@ def edge_circuit_metric(
     data: TaskData,
     edges: Iterable[Edge],
     source_z: Sequence[torch.Tensor],
+    full: bool = False,
+    source_mlp: Sequence[torch.Tensor] = (),
+    source_embed: torch.Tensor | None = None,
 ) -> float:
-    """Mean metric of an edge circuit: every head outside it takes its ``source_z``
-    activation ([N, T, H, d_head] per layer, e.g. per-template corrupted means), and every edge
-    between its heads that is not in it is patched to the sender's source activation, as ACDC
-    removes edges. With every edge between its heads present it equals the node circuit."""
+    """Mean metric of an edge circuit on ``model_graph(cfg, full)``: every node outside it
+    takes its source activation (``source_z`` [N, T, H, d_head] per layer for heads; in the
+    full graph ``source_mlp`` [N, T, d] per layer for MLPs and ``source_embed`` [N, T, d] for
+    the input, e.g. per-template corrupted means), and every edge between its nodes that is not
+    in it is patched to the sender's source output, as ACDC removes edges. On the head graph
+    MLPs and the input stay whole. With every edge between its nodes present it equals the
+    node circuit."""
     edge_set = set(edges)
-    heads = {e.sender for e in edge_set} | {e.receiver for e in edge_set if e.receiver}
-    graph = _Graph(model, task, data, "metric")
-    graph.z_corrupt = list(source_z)
-    every = {Head(layer, h) for layer in range(graph.n_layers) for h in range(graph.n_heads)}
-    graph.ablated = frozenset(every - heads)
     cfg = model.cfg
+    nodes: set[Sender] = set()
+    for edge in edge_set:
+        nodes.add(edge.sender)
+        if edge.receiver is not None:
+            nodes.add(edge.receiver)
+    graph = _Graph(model, task, data, "metric")
+    graph.z_source = list(source_z)
+    if full:
+        if graph.mlps and len(source_mlp) != graph.n_layers:
+            raise ValueError("the full graph needs every MLP's source output")
+        if source_embed is None:
+            raise ValueError("the full graph needs the input's source embedding")
+        graph.mlp_source = list(source_mlp)
+        graph.embed_source = source_embed
+    every = model_graph(cfg, full)
+    graph.ablated = frozenset({e.sender for e in every} - nodes)
+    present = {(e.sender, _slot(cfg, e)) for e in edge_set}
     removed: set[Candidate] = set()
-    for sender in heads:
-        if Edge(sender, None) not in edge_set:
-            removed.add((sender, None))
-        for receiver in heads:
-            if receiver.layer <= sender.layer:
-                continue
-            for kind in QKV:
-                index = input_head_index(cfg, receiver, kind)
-                # A k or v input of a GQA model is shared by its group: present when any
-                # circuit head of the group has the edge.
-                readers = [
-                    r
-                    for r in heads
-                    if r.layer == receiver.layer and input_head_index(cfg, r, kind) == index
-                ]
-                if not any(Edge(sender, r, kind) in edge_set for r in readers):
-                    removed.add((sender, (receiver.layer, kind, index)))
+    for edge in every:
+        if edge.sender not in nodes or (edge.receiver is not None and edge.receiver not in nodes):
+            continue  # an ablated end: its node's source stands in for the whole node
+        # A k or v input of a GQA model is shared by its group: present when any circuit head
+        # of the group has the edge.
+        candidate = (edge.sender, _slot(cfg, edge))
+        if candidate not in present:
+            removed.add(candidate)
     logits = graph.run([frozenset(removed)])
     return task.metric(logits[0].float(), data).mean().item()

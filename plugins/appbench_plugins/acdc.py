@@ -5,16 +5,18 @@ Receivers are visited from the logits back to the first layer; each incoming edg
 its corrupted value and stays removed when the output's distance from the full model's grows by
 less than ``tau``: the KL divergence of the next-token distributions (``distance=kl``, ACDC's
 default) or the loss of the task metric as a fraction of the clean-corrupted gap
-(``distance=metric``). The graph is heads -> later heads' q/k/v inputs and heads -> logits
-(:mod:`appbench.engine.acdc`); edges into or out of heads outside the search space are never
-tested. The circuit is the kept edges on a path into the logits, and their heads.
+(``distance=metric``). The graph (``graph``) is the EAP-IG / MIB one, with the input and the
+MLPs as nodes (``full``), or heads -> later heads' q/k/v inputs and heads -> logits with the
+MLPs left whole (``heads``; :mod:`appbench.engine.acdc`); edges into or out of heads outside
+the search space are never tested. The circuit is the kept edges on a path into the logits,
+and their heads.
 """
 
 from typing import Literal
 
 from pydantic import Field
 
-from appbench import Circuit, Discoverer, Params, hookimpl
+from appbench import Circuit, Discoverer, Params, heads_of, hookimpl
 
 
 class AcdcParams(Params):
@@ -31,6 +33,11 @@ class AcdcParams(Params):
     )
     max_rows: int = Field(
         default=1024, ge=1, description="prompt rows per batched run (bounds memory)"
+    )
+    graph: Literal["full", "heads"] = Field(
+        default="full",
+        description="'full' = the EAP-IG/MIB graph (input, heads' q/k/v, MLPs, logits); "
+        "'heads' = head -> head and head -> logits edges only, MLPs left whole",
     )
 
 
@@ -53,13 +60,14 @@ class Acdc(Discoverer):
             distance=params.distance,
             log=ctx.log,
             max_rows=params.max_rows,
+            full=params.graph == "full",
         )
-        heads = {e.sender for e in result.edges} | {e.receiver for e in result.edges if e.receiver}
         return Circuit(
             ctx.n_layers,
             ctx.n_heads,
-            frozenset(heads),
+            heads_of(result.edges),
             edges=result.edges,
+            graph=params.graph,
             details={
                 "edges_tested": result.tested,
                 "edges_removed": result.removed,

@@ -1,18 +1,21 @@
 """Edge attribution patching (EAP; Syed et al. 2023) and EAP with integrated gradients (EAP-IG;
 Hanna et al. 2024): every edge scored at once from gradients, as discoverers and as pruners.
 
-Each edge ``sender -> receiver<q|k|v>`` or ``sender -> logits`` gets the first-order estimate of
-what patching it to its corrupted value would do to the metric, as a fraction of the
-clean-corrupted gap (:func:`appbench.edge_scores`): one forward pass on each prompt set and one
-backward pass (EAP), or ``steps`` backward passes along the line from the corrupted to the clean
-input embeddings (EAP-IG).
+Each edge of the graph (``graph=full``, the default: the EAP-IG / MIB graph with the input,
+heads' q/k/v inputs, MLPs and logits; ``graph=heads``: head -> head and head -> logits only)
+gets the first-order estimate of what patching it to its corrupted value would do to the
+metric, as a fraction of the clean-corrupted gap (:func:`appbench.edge_scores`): one forward
+pass on each prompt set and one backward pass (EAP), or ``steps`` backward passes along the
+line from the corrupted to the clean input embeddings (EAP-IG, ``ig=inputs``), or ``steps`` per
+sender site along the line from its corrupted to its clean output (``ig=activations``).
 
-- **Discoverers** ``eap`` and ``eap-ig``: the circuit is the edges between heads of the search
-  space (and into the logits) with |score| >= ``threshold``, or the ``top_n`` largest, keeping
-  only edges on a path into the logits; its heads are the ends of its edges.
+- **Discoverers** ``eap`` and ``eap-ig``: the circuit is the edges whose head ends lie in the
+  search space (MLPs and the input are never pruned) with |score| >= ``threshold``, or the
+  ``top_n`` largest, keeping only edges on a path into the logits; its heads are the heads its
+  edges join.
 - **Pruners** ``eap`` and ``eap-ig``: a head's score is the sum of |score| over the edges it
-  sends (the HAP pipeline of Gu et al. 2025 prunes with EAP before path patching); the top
-  ``fraction`` of heads, or ``keep_k`` heads, are kept.
+  sends, into later heads, MLPs and the logits (the HAP pipeline of Gu et al. 2025 prunes with
+  EAP before path patching); the top ``fraction`` of heads, or ``keep_k`` heads, are kept.
 
 A gradient sees what a small change does: a head whose attention is saturated (a softmax that
 switches completely between the clean and the corrupted prompt) has a near-zero gradient through
@@ -20,6 +23,8 @@ its query and key, so EAP misses such q and k edges; EAP-IG's interpolation reco
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -32,6 +37,7 @@ from appbench import (
     RunError,
     SearchSpace,
     connected_to_logits,
+    heads_of,
     hookimpl,
 )
 
@@ -39,6 +45,11 @@ from appbench import (
 class _Attribution(Params):
     batch_size: int = Field(
         default=16, ge=1, description="prompts per forward/backward pass (bounds memory)"
+    )
+    graph: Literal["full", "heads"] = Field(
+        default="full",
+        description="'full' = the EAP-IG/MIB graph (input, heads' q/k/v, MLPs, logits); "
+        "'heads' = head -> head and head -> logits edges only",
     )
 
 
@@ -56,8 +67,18 @@ class EapDiscoverParams(_Attribution):
     )
 
 
-class EapIgDiscoverParams(EapDiscoverParams):
+class _Integrated(Params):
     steps: int = Field(default=5, ge=1, description="integration points (1 is EAP)")
+    ig: Literal["inputs", "activations"] = Field(
+        default="inputs",
+        description="'inputs' = interpolate the input embeddings (EAP-IG-inputs); "
+        "'activations' = interpolate each sender's own output (input, attention layer, MLP) "
+        "in turn, steps runs per site",
+    )
+
+
+class EapIgDiscoverParams(EapDiscoverParams, _Integrated):
+    pass
 
 
 class EapPruneParams(_Attribution):
@@ -75,16 +96,26 @@ class EapPruneParams(_Attribution):
         return self
 
 
-class EapIgPruneParams(EapPruneParams):
-    steps: int = Field(default=5, ge=1, description="integration points (1 is EAP)")
+class EapIgPruneParams(EapPruneParams, _Integrated):
+    pass
 
 
 def _scores(ctx, params):
     from appbench import edge_scores  # imports torch: not when the plugin is listed
 
     steps = getattr(params, "steps", 1)
-    ctx.log(f"attributing every edge ({'EAP' if steps == 1 else f'EAP-IG, {steps} steps'})")
-    return edge_scores(ctx.model, ctx.task, ctx.search, steps=steps, batch_size=params.batch_size)
+    ig = getattr(params, "ig", "inputs")
+    what = "EAP" if steps == 1 else f"EAP-IG on {ig}, {steps} steps"
+    ctx.log(f"attributing every edge of the {params.graph} graph ({what})")
+    return edge_scores(
+        ctx.model,
+        ctx.task,
+        ctx.search,
+        steps=steps,
+        batch_size=params.batch_size,
+        full=params.graph == "full",
+        ig=ig,
+    )
 
 
 class Eap(Discoverer):
@@ -101,7 +132,7 @@ class Eap(Discoverer):
         inside = {
             e: s
             for e, s in scores.items()
-            if e.sender in space and (e.receiver is None or e.receiver in space)
+            if all(end in space for end in (e.sender, e.receiver) if isinstance(end, Head))
         }
         ranked = sorted(inside, key=lambda e: (-abs(inside[e]), e.id))
         if params.top_n is not None:
@@ -109,15 +140,15 @@ class Eap(Discoverer):
         else:
             chosen = {e for e in ranked if abs(inside[e]) >= params.threshold}
         edges = connected_to_logits(chosen)
-        heads = {e.sender for e in edges} | {e.receiver for e in edges if e.receiver}
         return Circuit(
             ctx.n_layers,
             ctx.n_heads,
-            frozenset(heads),
+            heads_of(edges),
             scores={h.id: s for h, s in sorted(head_scores(inside, space.heads).items())},
             edges=frozenset(edges),
             details={"edges_scored": len(inside), "edges_selected": len(chosen)},
             edge_scores={e.id: round(inside[e], 6) for e in sorted(inside, key=lambda e: e.id)},
+            graph=params.graph,
         )
 
 

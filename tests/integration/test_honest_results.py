@@ -328,13 +328,16 @@ def test_edge_methods_on_the_default_model_report_edges_and_aurocs(
     result = load_result(tmp_path / "ioi" / "zoo-gt-ioi" / f"{pruner}__{discoverer}.json")
     assert result.reference is not None and result.reference.kind == "ground-truth"
     assert result.overlap is not None and result.overlap.f1 == 1.0
-    # The ground truth's edges are those carrying at least 1% of the gap alone on the
-    # evaluation split: borderline ones may fall either side on 30 search prompts, and ACDC's
-    # greedy removal drops redundant ones (its edge recall here is 0.57).
-    assert result.overlap.edge_precision is not None and result.overlap.edge_precision > 0.85
-    # Patching every edge outside the circuit too keeps most of the task (ACDC's sparser
-    # edge set: 0.93 on these 30 evaluation prompts).
-    assert result.edge_faithfulness is not None and result.edge_faithfulness.normalised > 0.9
+    # The ground truth's edges are those between heads carrying at least 1% of the gap alone
+    # on the evaluation split: borderline ones may fall either side on 30 search prompts,
+    # ACDC's greedy removal drops redundant ones (its edge recall here is 0.64), and in the
+    # full graph it keeps head edges whose effect the ground truth sees through the MLPs
+    # (precision 0.82; EAP-IG 0.88, path patching 1.00).
+    assert result.overlap.edge_precision is not None and result.overlap.edge_precision > 0.75
+    # Patching every edge outside the circuit too keeps most of the task. In the full graph
+    # MLPs and the input outside it are ablated as well, and the many MLP edges under the
+    # threshold each carry a little: 0.80 (EAP-IG) and 0.88 (ACDC) on these 30 prompts.
+    assert result.edge_faithfulness is not None and result.edge_faithfulness.normalised > 0.75
     assert result.circuit["edges"] and result.circuit["heads"] == [
         "a0.h3",
         "a1.h5",

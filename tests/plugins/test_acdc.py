@@ -9,6 +9,7 @@ from appbench import Head, SearchSpace, acdc
 from appbench.engine.acdc import acdc_reference
 from appbench.testing import (
     PLANTED_GQA_EDGES,
+    PLANTED_GQA_FULL_EDGES,
     PlantedCircuit,
     planted_context,
     planted_gqa_model,
@@ -32,27 +33,32 @@ KEY_CHAIN = PlantedCircuit(
 )
 
 
+@pytest.mark.parametrize("full", [True, False], ids=["full-graph", "head-graph"])
 @pytest.mark.parametrize("distance", ["kl", "metric"])
 @pytest.mark.parametrize("spec", [CHAIN, KEY_CHAIN], ids=["q-chain", "k-chain"])
-def test_acdc_recovers_the_planted_chain_as_its_reference_does(spec, distance):
+def test_acdc_recovers_the_planted_chain_as_its_reference_does(spec, distance, full):
     ctx = planted_context(spec.build())
+    planted = spec.full_edges if full else spec.edges
     dense = SearchSpace.dense(spec.n_layers, spec.n_heads).heads
-    fast = acdc(ctx.model, ctx.task, ctx.search, dense, distance=distance)
-    plain = acdc_reference(ctx.model, ctx.task, ctx.search, dense, distance=distance)
-    assert {e.id for e in fast.edges} == spec.edges
+    fast = acdc(ctx.model, ctx.task, ctx.search, dense, distance=distance, full=full)
+    plain = acdc_reference(ctx.model, ctx.task, ctx.search, dense, distance=distance, full=full)
+    assert {e.id for e in fast.edges} == planted
     assert fast.edges == plain.edges and fast.tested == plain.tested
     assert fast.forward_runs < plain.forward_runs  # batched: one run per kept edge or so
     pruned = spec.heads | {next(iter(spec.distractors))}
-    small = acdc(ctx.model, ctx.task, ctx.search, pruned, distance=distance)
-    assert {e.id for e in small.edges} == spec.edges and small.tested < fast.tested
+    small = acdc(ctx.model, ctx.task, ctx.search, pruned, distance=distance, full=full)
+    assert {e.id for e in small.edges} == planted and small.tested < fast.tested
 
 
-def test_acdc_on_the_grouped_query_model():
+@pytest.mark.parametrize(
+    ("full", "planted"), [(True, PLANTED_GQA_FULL_EDGES), (False, PLANTED_GQA_EDGES)]
+)
+def test_acdc_on_the_grouped_query_model(full, planted):
     ctx = planted_context(planted_gqa_model())
     dense = SearchSpace.dense(2, 8).heads
-    fast = acdc(ctx.model, ctx.task, ctx.search, dense)
-    assert {e.id for e in fast.edges} == PLANTED_GQA_EDGES
-    assert fast.edges == acdc_reference(ctx.model, ctx.task, ctx.search, dense).edges
+    fast = acdc(ctx.model, ctx.task, ctx.search, dense, full=full)
+    assert {e.id for e in fast.edges} == planted
+    assert fast.edges == acdc_reference(ctx.model, ctx.task, ctx.search, dense, full=full).edges
 
 
 def test_a_head_outside_the_space_is_never_tested_and_cuts_the_chain():
@@ -72,8 +78,10 @@ def test_a_tau_above_every_effect_removes_everything():
 def test_the_discoverer_reports_edges_and_heads():
     ctx = planted_context(CHAIN.build())
     circuit = Acdc().discover(ctx, SearchSpace.dense(4, 4), Acdc.Params(max_rows=7))
-    assert circuit.heads == CHAIN.heads
-    assert {e.id for e in circuit.edges} == CHAIN.edges
+    assert circuit.heads == CHAIN.heads and circuit.graph == "full"
+    assert {e.id for e in circuit.edges} == CHAIN.full_edges
+    heads_only = Acdc().discover(ctx, SearchSpace.dense(4, 4), Acdc.Params(graph="heads"))
+    assert {e.id for e in heads_only.edges} == CHAIN.edges and heads_only.graph == "heads"
     assert circuit.details["edges_tested"] > circuit.details["edges_removed"] > 0
 
 
@@ -110,3 +118,61 @@ def test_edge_faithfulness_patches_exactly_the_missing_edges():
     assert metric(edges) == pytest.approx(node, abs=1e-5)
     assert metric(edges - {Edge.parse("a1.h2->a2.h0<v>")}) == pytest.approx(-full, rel=1e-3)
     assert metric(edges | {Edge.parse("a0.h1->a2.h0<v>")}) == pytest.approx(metric(edges))
+
+
+def test_full_graph_edge_faithfulness_ablates_the_input_and_missing_input_edges():
+    """In the full graph the input is a node like the heads: the planted chain with its input
+    edge keeps what the head circuit keeps; without it the first head reads the corrupted
+    signal and the chain carries the corrupted answer."""
+    import torch
+
+    from appbench import Edge
+    from appbench.engine.acdc import edge_circuit_metric
+
+    ctx = planted_context(CHAIN.build())
+    engine, data = ctx.engine, ctx.evaluation
+    means = engine.per_prompt(engine.group_means(engine.cache_z(data.corrupt), data), data)
+    source = [means[layer] for layer in range(4)]
+    _, cache = ctx.model.run_with_cache(data.corrupt)
+    embeds = cache["blocks.0.hook_resid_pre"][None, :, :, None]
+    embed = engine.per_prompt(engine.group_means(embeds, data), data)[0, :, :, 0]
+    heads_graph = {Edge.parse(e) for e in CHAIN.edges}
+    full_graph = {Edge.parse(e) for e in CHAIN.full_edges}
+
+    def metric(edge_set, full):
+        return edge_circuit_metric(
+            ctx.model, ctx.task, data, edge_set, source, full=full, source_embed=embed
+        )
+
+    full = engine.clean_metric(data).mean().item()
+    assert metric(full_graph, True) == pytest.approx(metric(heads_graph, False), abs=1e-5)
+    assert metric(heads_graph, True) == pytest.approx(-full, rel=1e-3)
+    with pytest.raises(ValueError, match="source embedding"):
+        edge_circuit_metric(ctx.model, ctx.task, data, full_graph, source, full=True)
+    assert torch.isfinite(embed).all()
+
+
+def test_the_engine_matches_the_reference_through_mlps_and_the_input():
+    """A random 4 x 8 model with MLPs and layer norms (float64): every MLP and input edge is a
+    candidate too, and the batched engine decides each edge as the plain reference does."""
+    import torch
+
+    from appbench import build_model, get_registries, word_level_tokenizer
+    from appbench_plugins.zoo import ground_truth_recipe
+
+    task = get_registries().tasks.get("ioi")
+    tokenizer = word_level_tokenizer(sorted(task.vocabulary()))
+    torch.manual_seed(1)
+    model = build_model(ground_truth_recipe("ioi").model_config(len(tokenizer)), tokenizer)
+    model = model.double()
+    model.cfg.dtype = torch.float64
+    search, _ = task.splits(tokenizer)
+    data = search.select(list(range(4)))
+    space = {Head(0, 1), Head(1, 2), Head(2, 3), Head(3, 0)}
+    fast = acdc(model, task, data, space, tau=0.02, distance="metric", max_rows=12)
+    plain = acdc_reference(model, task, data, space, tau=0.02, distance="metric")
+    assert fast.edges == plain.edges and fast.tested == plain.tested
+    assert any(ids.startswith("m") for ids, _, _ in fast.trace)  # MLP senders were tested
+    assert any("->m" in ids for ids, _, _ in fast.trace)  # and MLP receivers
+    assert any(ids.startswith("input->") for ids, _, _ in fast.trace)
+    assert fast.removed > 0 and fast.edges

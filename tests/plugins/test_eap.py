@@ -7,8 +7,10 @@ import torch
 from pydantic import ValidationError
 
 from appbench import (
+    INPUT,
     Edge,
     Head,
+    Mlp,
     RunError,
     SearchSpace,
     build_model,
@@ -17,7 +19,7 @@ from appbench import (
     get_registries,
     word_level_tokenizer,
 )
-from appbench.engine.attribution import split_qkv_inputs
+from appbench.engine.attribution import receiver_inputs
 from appbench.testing import PlantedCircuit, planted_context
 from appbench_plugins.eap import Eap, EapIg, EapIgPruner, EapPruner
 from appbench_plugins.zoo import ground_truth_recipe
@@ -47,12 +49,16 @@ def _dense(spec):
     return SearchSpace.dense(spec.n_layers, spec.n_heads)
 
 
-def test_eap_scores_a_linear_chain_exactly():
+@pytest.mark.parametrize("full", [True, False], ids=["full-graph", "head-graph"])
+def test_eap_scores_a_linear_chain_exactly(full):
     ctx = _ctx(V_CHAIN)
-    scores = edge_scores(ctx.model, ctx.task, ctx.search)
-    assert len(scores) == 16 + sum(4 * 3 * 4 * (3 - layer) for layer in range(4))
+    scores = edge_scores(ctx.model, ctx.task, ctx.search, full=full)
+    between_heads = 16 + sum(4 * 3 * 4 * (3 - layer) for layer in range(4))
+    # The full graph adds the input into every head's q, k and v and into the logits.
+    assert len(scores) == between_heads + (16 * 3 + 1 if full else 0)
+    planted = V_CHAIN.full_edges if full else V_CHAIN.edges
     for edge, value in scores.items():
-        expected = -1.0 if edge.id in V_CHAIN.edges else 0.0
+        expected = -1.0 if edge.id in planted else 0.0
         assert value == pytest.approx(expected, abs=1e-4), edge.id
 
 
@@ -60,6 +66,9 @@ def test_eap_ig_with_one_step_is_eap():
     ctx = _ctx(Q_CHAIN)
     eap = edge_scores(ctx.model, ctx.task, ctx.search)
     assert edge_scores(ctx.model, ctx.task, ctx.search, steps=1) == eap
+    # Interpolating activations with one step runs every site at its clean value: EAP again.
+    activations = edge_scores(ctx.model, ctx.task, ctx.search, steps=1, ig="activations")
+    assert activations == pytest.approx(eap, abs=1e-9)
     # Batching changes float rounding only.
     batched = edge_scores(ctx.model, ctx.task, ctx.search, batch_size=5)
     assert batched == pytest.approx(eap, abs=1e-6)
@@ -71,10 +80,21 @@ def test_a_saturated_query_hides_its_upstream_edges_from_eap_but_not_from_eap_ig
     last = Edge.parse("a3.h3->logits")
     assert eap[last] == pytest.approx(-1.0, abs=1e-4)
     assert all(abs(v) < 1e-4 for e, v in eap.items() if e != last)
-    ig = edge_scores(ctx.model, ctx.task, ctx.search, steps=50)
-    for edge, value in ig.items():
-        expected = -1.0 if edge.id in Q_CHAIN.edges else 0.0
-        assert value == pytest.approx(expected, abs=1e-3), edge.id
+    for variant in ("inputs", "activations"):
+        ig = edge_scores(ctx.model, ctx.task, ctx.search, steps=50, ig=variant)
+        for edge, value in ig.items():
+            expected = -1.0 if edge.id in Q_CHAIN.full_edges else 0.0
+            assert value == pytest.approx(expected, abs=1e-3), (variant, edge.id)
+
+
+def test_eap_ig_on_activations_is_exact_on_a_linear_chain_and_refuses_unknown_variants():
+    ctx = _ctx(V_CHAIN)
+    scores = edge_scores(ctx.model, ctx.task, ctx.search, steps=3, ig="activations")
+    for edge, value in scores.items():
+        expected = -1.0 if edge.id in V_CHAIN.full_edges else 0.0
+        assert value == pytest.approx(expected, abs=1e-4), edge.id
+    with pytest.raises(ValueError, match="ig must be one of"):
+        edge_scores(ctx.model, ctx.task, ctx.search, steps=3, ig="outputs")
 
 
 @pytest.fixture(scope="module")
@@ -92,25 +112,46 @@ def random_model():
 
 
 def _metric(model, task, data, hooks):
-    with torch.no_grad(), split_qkv_inputs(model), model.hooks(fwd_hooks=hooks):
+    with torch.no_grad(), receiver_inputs(model), model.hooks(fwd_hooks=hooks):
         logits = model(data.clean)
     at_target = logits[torch.arange(len(data)), data.target_pos]
     return task.metric(at_target, data).mean().item()
 
 
 @pytest.mark.parametrize(
-    "edge_id", ["a0.h2->a1.h3<q>", "a0.h5->a2.h1<k>", "a1.h0->a3.h7<v>", "a2.h6->logits"]
+    "edge_id",
+    [
+        "a0.h2->a1.h3<q>",
+        "a0.h5->a2.h1<k>",
+        "a1.h0->a3.h7<v>",
+        "a2.h6->logits",
+        "input->a1.h3<q>",
+        "m0->a2.h1<k>",
+        "a1.h0->m1",
+        "m1->m3",
+        "input->m0",
+        "m2->logits",
+    ],
 )
 def test_eap_scores_equal_finite_differences(random_model, edge_id):
     model, task, data = random_model
     edge = Edge.parse(edge_id)
     _, cache_clean = model.run_with_cache(data.clean)
     _, cache_corrupt = model.run_with_cache(data.corrupt)
-    hook = edge.sender.hook_name("z")
-    w_o = model.W_O[edge.sender.layer, edge.sender.head].detach()
-    delta = (cache_corrupt[hook] - cache_clean[hook])[:, :, edge.sender.head] @ w_o
+    sender = edge.sender
+    if isinstance(sender, Head):
+        hook = sender.hook_name("z")
+        w_o = model.W_O[sender.layer, sender.head].detach()
+        delta = (cache_corrupt[hook] - cache_clean[hook])[:, :, sender.head] @ w_o
+    else:
+        hook = (
+            "blocks.0.hook_resid_pre" if sender == INPUT else f"blocks.{sender.layer}.hook_mlp_out"
+        )
+        delta = cache_corrupt[hook] - cache_clean[hook]
     if edge.receiver is None:
         name, index = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post", None
+    elif isinstance(edge.receiver, Mlp):
+        name, index = f"blocks.{edge.receiver.layer}.hook_mlp_in", None
     else:
         name, index = f"blocks.{edge.receiver.layer}.hook_{edge.input}_input", edge.receiver.head
 
@@ -141,13 +182,22 @@ def test_eap_scores_equal_finite_differences(random_model, edge_id):
 
 @pytest.mark.parametrize(
     ("discoverer", "spec", "params"),
-    [(Eap, V_CHAIN, {}), (EapIg, V_CHAIN, {"steps": 3}), (EapIg, Q_CHAIN, {"steps": 50})],
+    [
+        (Eap, V_CHAIN, {}),
+        (EapIg, V_CHAIN, {"steps": 3}),
+        (EapIg, Q_CHAIN, {"steps": 50}),
+        (EapIg, Q_CHAIN, {"steps": 20, "ig": "activations"}),
+    ],
 )
 def test_the_planted_chain_is_recovered_edge_by_edge(discoverer, spec, params):
     ctx = _ctx(spec)
     circuit = discoverer().discover(ctx, _dense(spec), discoverer.Params(**params))
-    assert circuit.heads == spec.heads
-    assert {e.id for e in circuit.edges} == spec.edges
+    assert circuit.heads == spec.heads and circuit.graph == "full"
+    assert {e.id for e in circuit.edges} == spec.full_edges
+    heads_only = discoverer().discover(
+        ctx, _dense(spec), discoverer.Params(graph="heads", **params)
+    )
+    assert {e.id for e in heads_only.edges} == spec.edges and heads_only.graph == "heads"
     # Pruned to the chain plus one distractor: the same circuit.
     space = SearchSpace(spec.n_layers, spec.n_heads, spec.heads | {Head(1, 0)})
     pruned = discoverer().discover(ctx, space, discoverer.Params(**params))
@@ -167,8 +217,8 @@ def test_a_pruned_away_head_cuts_the_chain_at_it():
     circuit = Eap().discover(ctx, space, Eap.Params())
     # Only the last head still reaches the logits by edges inside the space.
     assert circuit.heads == {Head(3, 3)}
-    top = Eap().discover(ctx, _dense(V_CHAIN), Eap.Params(top_n=4))
-    assert {e.id for e in top.edges} == V_CHAIN.edges
+    top = Eap().discover(ctx, _dense(V_CHAIN), Eap.Params(top_n=5))
+    assert {e.id for e in top.edges} == V_CHAIN.full_edges
 
 
 def test_connected_to_logits_drops_dangling_edges():
@@ -221,8 +271,8 @@ def test_eap_ig_matches_plain_path_patching_on_the_grouped_query_model():
                 model, task, data, heads[:8], receiver, kind, z_clean, z_corrupt
             )
             reference.update({Edge(h, receiver, kind): s for h, s in scores.items()})
-    eap = edge_scores(model, task, data)
-    ig = edge_scores(model, task, data, steps=50)
+    eap = edge_scores(model, task, data, full=False)
+    ig = edge_scores(model, task, data, steps=50, full=False)
     assert set(ig) == set(reference)
     # KV head 1's keys are one input for its whole group, a1.h4 to a1.h7.
     key_paths = {Edge.parse(f"a0.h0->a1.h{h}<k>") for h in range(4, 8)}
