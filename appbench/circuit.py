@@ -88,6 +88,23 @@ class Edge:
         return cls(Head.parse(src), Head.parse(match.group(1)), match.group(2))
 
 
+def all_edges(n_layers: int, n_heads: int) -> frozenset[Edge]:
+    """Every edge of a model's head-level graph, as ACDC and path patching measure it: each head
+    into each later head's q, k and v input, and each head into the logits. The universe an
+    edge ROC counts false positives in."""
+    heads = [Head(layer, h) for layer in range(n_layers) for h in range(n_heads)]
+    return frozenset(
+        [Edge(sender, None) for sender in heads]
+        + [
+            Edge(sender, receiver, kind)
+            for sender in heads
+            for receiver in heads
+            if receiver.layer > sender.layer
+            for kind in QKV
+        ]
+    )
+
+
 def connected_to_logits(edges: Iterable[Edge]) -> frozenset[Edge]:
     """The edges that lie on a path into the logits: an edge-level circuit's edges minus the
     dangling ones (edges run from lower to higher layers, so one pass from the last layer down

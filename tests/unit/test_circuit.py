@@ -30,6 +30,17 @@ def test_edge_ids_follow_eap_ig_convention():
         Edge.parse("a0.h1->a2.h3<x>")
 
 
+def test_all_edges_of_a_two_by_two_model_hand_listed():
+    from appbench.circuit import all_edges
+
+    expected = {f"a{layer}.h{h}->logits" for layer in (0, 1) for h in (0, 1)} | {
+        f"a0.h{s}->a1.h{r}<{kind}>" for s in (0, 1) for r in (0, 1) for kind in "qkv"
+    }
+    assert {e.id for e in all_edges(2, 2)} == expected and len(expected) == 16
+    # GPT-2 small: 144 into the logits, 12·36·(11+10+...+0) into later heads' q, k, v.
+    assert len(all_edges(12, 12)) == 144 + 12 * 36 * 66
+
+
 def test_search_space_dense_and_reduction():
     space = SearchSpace.dense(4, 8)
     assert len(space) == 32 and space.total_heads == 32 and space.reduction == 0.0
