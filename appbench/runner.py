@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from appbench import metrics
-from appbench.circuit import Circuit, Head, SearchSpace
+from appbench.circuit import Circuit, Head, SearchSpace, all_edges
 from appbench.errors import RunError
 from appbench.flags import baseline_differences, circuit_flags, reference_flags
 from appbench.interfaces import Discoverer, Params, Pruner, RunContext
@@ -354,8 +354,19 @@ def shipped_reference(task: Any, model_name: str) -> Reference | None:
     )
 
 
+def _sweep_auc(
+    runs: Sequence[Sequence[str]], reference: Sequence[str], universe: Sequence[str]
+) -> float | None:
+    """ACDC's pessimistic AUC of a threshold sweep's found sets; None when no ROC exists (the
+    reference empty or everything)."""
+    if not reference or set(reference) == set(universe):
+        return None
+    return metrics.pessimistic_auc(metrics.roc_point(run, reference, universe) for run in runs)
+
+
 def _edge_and_score_overlap(circuit: Circuit, reference: Reference) -> dict[str, Any]:
-    """Edge-level overlap and score-sweep AUROCs, where the circuit and reference allow them."""
+    """Edge-level overlap, score-sweep AUROCs and threshold-sweep AUCs, where the circuit and
+    reference allow them."""
     every_head = [
         Head(layer, h).id for layer in range(circuit.n_layers) for h in range(circuit.n_heads)
     ]
@@ -371,6 +382,16 @@ def _edge_and_score_overlap(circuit: Circuit, reference: Reference) -> dict[str,
         found["edge_auroc"] = metrics.score_auroc(
             circuit.edge_scores, reference.edges, circuit.edge_scores
         )
+    sweep = circuit.details.get("threshold_sweep")
+    if sweep:
+        found["head_sweep_auc"] = _sweep_auc(
+            [run["heads"] for run in sweep], reference.heads, every_head
+        )
+        if reference.edges:
+            every_edge = [e.id for e in all_edges(circuit.n_layers, circuit.n_heads)]
+            found["edge_sweep_auc"] = _sweep_auc(
+                [run["edges"] for run in sweep], reference.edges, every_edge
+            )
     return found
 
 
