@@ -283,6 +283,13 @@ def _summary_table(result: Any, path: Path) -> str:
         ]
         if aurocs:
             rows.append(["score-sweep AUROC", ", ".join(aurocs)])
+        sweep_aucs = [
+            f"{level} {value:.3f}"
+            for level, value in (("heads", o.head_sweep_auc), ("edges", o.edge_sweep_auc))
+            if value is not None
+        ]
+        if sweep_aucs:
+            rows.append(["threshold-sweep AUC", ", ".join(sweep_aucs)])
         rows.append(
             # The full provenance is in the result file; the table names the reference only.
             [

@@ -129,6 +129,54 @@ def score_auroc(
     return float(roc_auc_score(labels, [abs(scores.get(item, 0.0)) for item in items]))
 
 
+def roc_point(
+    found: Iterable[str], reference: Iterable[str], universe: Iterable[str]
+) -> tuple[float, float]:
+    """(FPR, TPR) of one found set against a reference, both inside ``universe`` (METRICS.md
+    4.4, step 2): TPR = TP/(TP+FN) over the reference, FPR = FP/(FP+TN) over the rest.
+
+    Raises:
+        ValueError: when the rates mean nothing: an empty reference, a reference that is the
+            whole universe, or a found or reference item outside the universe.
+    """
+    f, r, u = set(found), set(reference), set(universe)
+    if not r:
+        raise ValueError("the reference is empty: no true positive rate exists")
+    if r == u:
+        raise ValueError("the reference is the whole universe: no false positive rate exists")
+    for name, items in (("reference", r), ("found", f)):
+        if not items <= u:
+            outside = sorted(items - u)
+            raise ValueError(f"{name} items outside the universe: {', '.join(outside[:3])}")
+    return len(f - r) / len(u - r), len(f & r) / len(r)
+
+
+def pessimistic_auc(points: Iterable[tuple[float, float]]) -> float:
+    """ACDC's pessimistic step AUC of a threshold sweep's (FPR, TPR) points (METRICS.md 4.4,
+    steps 4-5): add (0,0) and (1,1), keep the Pareto-optimal points, sort by (x, y) and sum
+    (1 - x_i)(y_i - y_{i-1}). Each point's TPR counts only from its FPR on: no interpolation
+    between runs, hence pessimistic. Not comparable with the score-sweep AUROC.
+
+    Raises:
+        ValueError: for a point outside [0, 1]² (or NaN).
+    """
+    given = {(float(x), float(y)) for x, y in points}
+    for x, y in given:
+        if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+            raise ValueError(f"ROC point ({x}, {y}) lies outside [0, 1]²")
+    given |= {(0.0, 0.0), (1.0, 1.0)}
+    # A point is dropped when another is at least as good on both axes (no more false
+    # positives, no fewer true ones); what remains rises with x.
+    front = sorted(
+        p for p in given if not any(q != p and q[0] <= p[0] and q[1] >= p[1] for q in given)
+    )
+    area, previous = 0.0, 0.0
+    for x, y in front:
+        area += (1.0 - x) * (y - previous)
+        previous = y
+    return area
+
+
 def reduction(space_size: int, total_heads: int) -> float:
     """APP's search-space reduction 1 − |space|/|heads|."""
     if total_heads <= 0:

@@ -114,6 +114,18 @@ class Overlap(BaseModel):
         description="score-sweep AUROC of the circuit's per-edge |scores| against the reference "
         "edges; None unless both exist. Not ACDC's threshold-sweep AUC (METRICS.md 4.4)",
     )
+    head_sweep_auc: float | None = Field(
+        default=None,
+        description="ACDC's threshold-sweep pessimistic step AUC (METRICS.md 4.4) of the "
+        "circuit's per-tau head sets against the reference heads, every head of the model "
+        "counted; None without a threshold sweep. Not the score-sweep AUROC: not comparable",
+    )
+    edge_sweep_auc: float | None = Field(
+        default=None,
+        description="ACDC's threshold-sweep pessimistic step AUC (METRICS.md 4.4) of the "
+        "circuit's per-tau edge sets against the reference edges, every head -> later head q/k/v "
+        "and head -> logits edge counted; None unless both exist. Not the score-sweep AUROC",
+    )
 
 
 class Flag(BaseModel):

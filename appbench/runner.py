@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from appbench import metrics
-from appbench.circuit import Circuit, Edge, Head, SearchSpace
+from appbench.circuit import Circuit, Edge, Head, SearchSpace, graph_edges
 from appbench.errors import RunError
 from appbench.flags import baseline_differences, circuit_flags, reference_flags
 from appbench.interfaces import Discoverer, Params, Pruner, RunContext
@@ -400,8 +400,19 @@ def shipped_reference(task: Any, model_name: str) -> Reference | None:
     )
 
 
+def _sweep_auc(
+    runs: Sequence[Sequence[str]], reference: Sequence[str], universe: Sequence[str]
+) -> float | None:
+    """ACDC's pessimistic AUC of a threshold sweep's found sets; None when no ROC exists (the
+    reference empty or everything)."""
+    if not reference or set(reference) == set(universe):
+        return None
+    return metrics.pessimistic_auc(metrics.roc_point(run, reference, universe) for run in runs)
+
+
 def _edge_and_score_overlap(circuit: Circuit, reference: Reference) -> dict[str, Any]:
-    """Edge-level overlap and score-sweep AUROCs, where the circuit and reference allow them."""
+    """Edge-level overlap, score-sweep AUROCs and threshold-sweep AUCs, where the circuit and
+    reference allow them."""
     every_head = [
         Head(layer, h).id for layer in range(circuit.n_layers) for h in range(circuit.n_heads)
     ]
@@ -425,6 +436,22 @@ def _edge_and_score_overlap(circuit: Circuit, reference: Reference) -> dict[str,
             if not on_heads or Edge.parse(e).between_heads
         }
         found["edge_auroc"] = metrics.score_auroc(scored, reference.edges, scored)
+    sweep = circuit.details.get("threshold_sweep")
+    if sweep:
+        found["head_sweep_auc"] = _sweep_auc(
+            [run["heads"] for run in sweep], reference.heads, every_head
+        )
+        if reference.edges:
+            universe = [
+                e.id
+                for e in graph_edges(circuit.n_layers, circuit.n_heads)
+                if e.between_heads or not on_heads
+            ]
+            found["edge_sweep_auc"] = _sweep_auc(
+                [[e for e in run["edges"] if e in set(universe)] for run in sweep],
+                reference.edges,
+                universe,
+            )
     return found
 
 

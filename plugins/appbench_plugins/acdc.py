@@ -10,11 +10,16 @@ MLPs as nodes (``full``), or heads -> later heads' q/k/v inputs and heads -> log
 MLPs left whole (``heads``; :mod:`appbench.engine.acdc`); edges into or out of heads outside
 the search space are never tested. The circuit is the kept edges on a path into the logits,
 and their heads.
+
+With ``sweep`` set, ACDC also runs once per listed tau and records each run's edges and heads
+in ``details["threshold_sweep"]``: the points of ACDC's threshold-sweep ROC, from which the
+runner computes the pessimistic step AUC against the reference (METRICS.md 4.4). The circuit
+stays the one at ``tau``.
 """
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from appbench import Circuit, Discoverer, Params, heads_of, hookimpl
 
@@ -39,6 +44,29 @@ class AcdcParams(Params):
         description="'full' = the EAP-IG/MIB graph (input, heads' q/k/v, MLPs, logits); "
         "'heads' = head -> head and head -> logits edges only, MLPs left whole",
     )
+    sweep: tuple[Annotated[float, Field(ge=0.0, allow_inf_nan=False)], ...] = Field(
+        default=(),
+        description="taus at each of which ACDC runs once more, for the threshold-sweep ROC "
+        "(comma-separated on the command line, e.g. 0.001,0.01,0.1); none by default",
+    )
+
+    @field_validator("sweep", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        # The command line passes one string.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("sweep")
+    @classmethod
+    def _distinct_taus(cls, value):
+        # Defaults are not validated: only a sweep actually given is checked.
+        if not value:
+            raise ValueError("an empty sweep runs nothing: leave the parameter out instead")
+        if len(set(value)) != len(value):
+            raise ValueError(f"the same tau twice in {list(value)}")
+        return value
 
 
 class Acdc(Discoverer):
@@ -62,19 +90,51 @@ class Acdc(Discoverer):
             max_rows=params.max_rows,
             full=params.graph == "full",
         )
+        details = {
+            "edges_tested": result.tested,
+            "edges_removed": result.removed,
+            "final_distance": result.distance,
+            "batched_runs": result.forward_runs,
+        }
+        if params.sweep:
+            # Measured apart: the sweep serves the ROC, not the circuit at tau.
+            with ctx.part("sweep"):
+                details["threshold_sweep"] = [
+                    _sweep_entry(tau, result if tau == params.tau else None, ctx, space, params)
+                    for tau in params.sweep
+                ]
         return Circuit(
             ctx.n_layers,
             ctx.n_heads,
             heads_of(result.edges),
             edges=result.edges,
             graph=params.graph,
-            details={
-                "edges_tested": result.tested,
-                "edges_removed": result.removed,
-                "final_distance": result.distance,
-                "batched_runs": result.forward_runs,
-            },
+            details=details,
         )
+
+
+def _sweep_entry(tau, result, ctx, space, params):
+    """One point of the threshold sweep: ACDC's edges and heads at ``tau``. ``result`` is the
+    main run's when ``tau`` is its tau (ACDC is deterministic: a rerun would find the same)."""
+    from appbench import acdc
+
+    if result is None:
+        result = acdc(
+            ctx.model,
+            ctx.task,
+            ctx.search,
+            space.heads,
+            tau=tau,
+            distance=params.distance,
+            log=lambda line: ctx.log(f"tau {tau:g}: {line}"),
+            max_rows=params.max_rows,
+            full=params.graph == "full",
+        )
+    return {
+        "tau": tau,
+        "edges": sorted(e.id for e in result.edges),
+        "heads": [h.id for h in sorted(heads_of(result.edges))],
+    }
 
 
 @hookimpl

@@ -85,7 +85,79 @@ def test_the_discoverer_reports_edges_and_heads():
     assert circuit.details["edges_tested"] > circuit.details["edges_removed"] > 0
 
 
-@pytest.mark.parametrize("bad", [{"tau": -0.1}, {"tau": float("nan")}, {"distance": "l2"}])
+#: Every edge kept (tau 0: no removal lowers the distance), the chain and the weak head's edge
+#: into the logits, the chain exactly (the default tau), nothing.
+SWEEP = (0.0, 1e-5, 0.01, 1.0)
+
+
+def test_a_threshold_sweep_records_what_acdc_finds_at_each_tau():
+    """Each sweep entry is what a separate ACDC run at its tau finds (here on the head graph);
+    the circuit stays the main tau's. With the exact chain among the runs the pessimistic AUC
+    is 1 on both levels; without it the best run keeps the weak head's edge too, a
+    hand-counted false positive."""
+    from dataclasses import replace
+
+    from appbench.results import Reference
+    from appbench.runner import _edge_and_score_overlap
+
+    ctx = planted_context(CHAIN.build())
+    space = SearchSpace.dense(4, 4)
+    circuit = Acdc().discover(ctx, space, Acdc.Params(sweep=SWEEP, graph="heads"))
+    assert {e.id for e in circuit.edges} == CHAIN.edges
+    sweep = circuit.details["threshold_sweep"]
+    assert [run["tau"] for run in sweep] == list(SWEEP)
+    for run in sweep:
+        alone = acdc(ctx.model, ctx.task, ctx.search, space.heads, tau=run["tau"], full=False)
+        heads = {e.sender for e in alone.edges} | {e.receiver for e in alone.edges if e.receiver}
+        assert run["edges"] == sorted(e.id for e in alone.edges)
+        assert run["heads"] == [h.id for h in sorted(heads)]
+    # 4x4 model: 16 edges into the logits, 4·4·3·(3+2+1) into later heads' inputs.
+    assert [len(run["edges"]) for run in sweep] == [304, 5, 4, 0]
+    assert set(sweep[1]["edges"]) == CHAIN.edges | {"a2.h2->logits"}
+
+    reference = Reference(
+        source="planted", heads=sorted(h.id for h in CHAIN.heads), edges=sorted(CHAIN.edges)
+    )
+    found = _edge_and_score_overlap(circuit, reference)
+    assert (found["edge_sweep_auc"], found["head_sweep_auc"]) == (1.0, 1.0)
+    inexact = [run for run in sweep if run["tau"] != 0.01]
+    without = replace(circuit, details={"threshold_sweep": inexact})
+    found = _edge_and_score_overlap(without, reference)
+    # Best run: TPR 1 at FPR 1/(304-4) for edges and 1/(16-4) for heads (a2.h2).
+    assert found["edge_sweep_auc"] == pytest.approx(1 - 1 / 300)
+    assert found["head_sweep_auc"] == pytest.approx(1 - 1 / 12)
+    # No reference edges: no edge ROC; no sweep: neither.
+    assert "edge_sweep_auc" not in _edge_and_score_overlap(
+        circuit, reference.model_copy(update={"edges": []})
+    )
+    plain = _edge_and_score_overlap(replace(circuit, details={}), reference)
+    assert "head_sweep_auc" not in plain
+    # In the full graph against this head-graph reference only edges between heads count.
+    full = Acdc().discover(ctx, space, Acdc.Params(sweep=SWEEP))
+    assert set(full.details["threshold_sweep"][2]["edges"]) == CHAIN.full_edges
+    assert _edge_and_score_overlap(full, reference)["edge_sweep_auc"] == 1.0
+
+
+def test_a_sweep_given_on_the_command_line_is_split_at_commas():
+    assert Acdc.Params.model_validate({"sweep": "0.001, 0.01,0.1"}).sweep == (0.001, 0.01, 0.1)
+    assert Acdc.Params().sweep == ()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"tau": -0.1},
+        {"tau": float("nan")},
+        {"distance": "l2"},
+        {"sweep": [0.01, -0.1]},
+        {"sweep": [float("nan")]},
+        {"sweep": [float("inf")]},
+        {"sweep": []},
+        {"sweep": ""},
+        {"sweep": [0.01, 0.1, 0.01]},
+        {"sweep": "0.01,lots"},
+    ],
+)
 def test_values_that_cannot_mean_anything_are_refused(bad):
     with pytest.raises(ValidationError):
         Acdc.Params(**bad)

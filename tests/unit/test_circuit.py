@@ -30,6 +30,21 @@ def test_edge_ids_follow_eap_ig_convention():
         Edge.parse("a0.h1->a2.h3<x>")
 
 
+def test_the_head_graph_of_a_two_by_two_model_hand_listed():
+    from types import SimpleNamespace
+
+    from appbench.circuit import model_graph
+
+    expected = {f"a{layer}.h{h}->logits" for layer in (0, 1) for h in (0, 1)} | {
+        f"a0.h{s}->a1.h{r}<{kind}>" for s in (0, 1) for r in (0, 1) for kind in "qkv"
+    }
+    two = SimpleNamespace(n_layers=2, n_heads=2)
+    assert {e.id for e in model_graph(two, full=False)} == expected and len(expected) == 16
+    # GPT-2 small: 144 into the logits, 12·36·(11+10+...+0) into later heads' q, k, v.
+    gpt2 = SimpleNamespace(n_layers=12, n_heads=12)
+    assert len(model_graph(gpt2, full=False)) == 144 + 12 * 36 * 66
+
+
 def test_search_space_dense_and_reduction():
     space = SearchSpace.dense(4, 8)
     assert len(space) == 32 and space.total_heads == 32 and space.reduction == 0.0

@@ -76,3 +76,52 @@ def test_overlap_sets_on_hand_counted_edges():
     assert (precision, recall) == (pytest.approx(2 / 3), 1.0)
     assert f1 == pytest.approx(0.8)
     assert overlap_sets(set(), reference) == (0.0, 0.0, 0.0)
+
+
+def test_pessimistic_auc_hand_computed():
+    from appbench.metrics import pessimistic_auc
+
+    assert pessimistic_auc([(0.0, 1.0)]) == 1.0  # a perfect run
+    assert pessimistic_auc([]) == 0.0  # only (0,0) and (1,1)
+    assert pessimistic_auc([(0.0, 0.0), (1.0, 1.0)]) == 0.0
+    # (0,0), (.25,.5), (.5,.75), (1,1): 0 + .75·.5 + .5·.25 + 0·.25
+    two = [(0.25, 0.5), (0.5, 0.75)]
+    assert pessimistic_auc(two) == pytest.approx(0.5)
+    # (.75,.25) is dominated by (.25,.5): ignored, though sorted in it would subtract .125.
+    assert pessimistic_auc([*two, (0.75, 0.25)]) == pytest.approx(0.5)
+    # So is (.5,.5), weakly; and the order points come in does not matter.
+    assert pessimistic_auc([(0.5, 0.5), *reversed(two)]) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("point", [(-0.1, 0.5), (0.5, 1.5), (float("nan"), 0.5)])
+def test_pessimistic_auc_refuses_points_outside_the_square(point):
+    from appbench.metrics import pessimistic_auc
+
+    with pytest.raises(ValueError, match="outside"):
+        pessimistic_auc([point])
+
+
+def test_roc_point_hand_counted():
+    from appbench.metrics import roc_point
+
+    universe = ["a", "b", "c", "d", "e"]
+    # TP a; FN b; FP c; TN d, e.
+    assert roc_point({"a", "c"}, {"a", "b"}, universe) == (pytest.approx(1 / 3), 0.5)
+    assert roc_point(set(), {"a", "b"}, universe) == (0.0, 0.0)
+    assert roc_point(universe, {"a", "b"}, universe) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("found", "reference", "match"),
+    [
+        (set(), set(), "empty"),
+        (set(), {"a", "b"}, "whole universe"),
+        (set(), {"a", "z"}, "reference items outside"),
+        ({"z"}, {"a"}, "found items outside"),
+    ],
+)
+def test_roc_point_refuses_meaningless_input(found, reference, match):
+    from appbench.metrics import roc_point
+
+    with pytest.raises(ValueError, match=match):
+        roc_point(found, reference, ["a", "b"])
