@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any, NoReturn
@@ -71,17 +71,52 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 class AppbenchGroup(click.Group):
-    """Turns known error types into one clean line and exit code 2."""
+    """Every failure one clean line: usage errors and bad input exit 2, runtime failures 1,
+    an interrupt 130; ``--debug`` (anywhere on the command line) shows the traceback."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        words = list(sys.argv[1:] if args is None else args)
+        if "--debug" in words[1:]:
+            # Accepted after the subcommand too: it is the group's option.
+            words = ["--debug"] + [w for w in words if w != "--debug"]
+        try:
+            code = super().main(words, prog_name, complete_var, False, **extra)
+        except click.exceptions.UsageError as exc:
+            fail(exc.format_message().splitlines()[0], 2)
+        except click.exceptions.Abort:
+            fail("aborted", 1)
+        except click.ClickException as exc:
+            fail(exc.format_message().splitlines()[0], exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
+        def debug() -> bool:  # set by the group's callback, inside super().invoke
+            return bool(ctx.obj and ctx.obj.get("debug"))
+
         try:
             return super().invoke(ctx)
         except _user_errors() as exc:
-            if ctx.obj and ctx.obj.get("debug"):
+            if debug():
                 raise
             fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if debug():
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            fail(f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)", 1)
 
 
 @click.group(cls=AppbenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -196,6 +231,16 @@ def plugins(as_json: bool) -> None:
             [list(i.values()) for i in infos], headers=["name", "module", "distribution", "version"]
         )
     )
+
+
+def _named_folder(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
+    """An output folder must be named: ``--out ""`` would write into whatever folder the
+    command happens to run in."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise click.BadParameter("an empty folder name (give a folder, e.g. appbench-results)")
+    return Path(value)
 
 
 def _params(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
@@ -383,10 +428,17 @@ def _summary_table(result: Any, path: Path) -> str:
 )
 @click.option(
     "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("appbench-results"),
+    type=click.Path(file_okay=False),
+    default="appbench-results",
     show_default=True,
+    callback=_named_folder,
     help="Results folder; files go to OUT/<task>/<model>/<pruner>__<discoverer>.json.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an earlier result of other parameters at the same path (refused otherwise, "
+    "before any work).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result JSON instead of a table.")
 @click.option("--quiet", is_flag=True, help="No progress messages on stderr.")
@@ -408,6 +460,7 @@ def run(
     pruner_params: tuple[tuple[str, str], ...],
     discoverer_params: tuple[tuple[str, str], ...],
     out: Path,
+    overwrite: bool,
     as_json: bool,
     quiet: bool,
     no_reference: bool,
@@ -436,6 +489,7 @@ def run(
         pruner_params=_params(pruner_params),
         discoverer_params=_params(discoverer_params),
         out=out,
+        overwrite=overwrite,
         command=shlex.join(["appbench", *sys.argv[1:]]),
         compute_reference=not no_reference,
     )
@@ -525,7 +579,8 @@ def models_pull(name: str, device: str) -> None:
 
     from appbench.models import load_model
 
-    click.echo(f"[appbench] loading model {name} on {device}", err=True)
+    # No "loading" line first: a name that cannot be loaded is then one line alone, and the
+    # loaders that download or convert print their own progress.
     started = time.perf_counter()
     model = load_model(name, device)
     cfg = model.cfg
@@ -581,7 +636,13 @@ def reference() -> None:
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder for <model>.json (default: the task folder's reference/).",
+    help="Folder for <model>.json.",
+)
+@click.option(
+    "--into-package",
+    is_flag=True,
+    help="Write into the task's shipped reference/ folder instead of --out (for task "
+    "developers: every later run for the model reads it).",
 )
 @click.option(
     "--allow-degenerate",
@@ -599,6 +660,7 @@ def reference_build(
     seed: int | None,
     from_result: Path | None,
     out: Path | None,
+    into_package: bool,
     allow_degenerate: bool,
 ) -> None:
     """Run DISCOVERER on the dense search space and save its circuit as the reference.
@@ -615,14 +677,28 @@ def reference_build(
 
     from appbench.flags import reference_problems
     from appbench.plugins import get_registries
-    from appbench.results import load_result
+    from appbench.results import load_result, write_atomically
     from appbench.runner import RunConfig
     from appbench.runner import run as run_once
     from appbench.tasks import ReferenceCircuit, ReferenceFile
 
     command = shlex.join(["appbench", *sys.argv[1:]])
+    if (out is None) == (not into_package):
+        fail(
+            "give --out DIR for the reference file, or --into-package to write into the task's "
+            "shipped references (not both)"
+        )
     if from_result is not None:
         result = load_result(from_result)
+        shape = result.graph_config
+        if shape is not None and (shape["n_layers"], shape["n_heads"]) != (
+            result.n_layers,
+            result.n_heads,
+        ):
+            fail(
+                f"{from_result} says {result.n_layers}x{result.n_heads} heads, but its model is "
+                f"{shape['n_layers']}x{shape['n_heads']}"
+            )
         for flag, given, found in (
             ("--task", task_name, result.task),
             ("--model", model, result.model),
@@ -690,8 +766,7 @@ def reference_build(
         + (f"; written with --allow-degenerate: {'; '.join(problems)}" if problems else ""),
     )
     ref_file = ReferenceFile(task=task_name, model=model, default=key, circuits=circuits)
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(ref_file.model_dump_json(indent=2) + "\n")
+    write_atomically(path, ref_file.model_dump_json(indent=2) + "\n")
     click.echo(f"{path}: {len(result.circuit['heads'])} heads ({key} v{version})")
 
 

@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 
 
 class Params(BaseModel):
-    """Base of every plugin's parameters: unknown keys are errors, values are validated."""
+    """Base of every plugin's parameters: unknown keys are errors, values are validated, and
+    no float parameter takes inf or NaN (a threshold of inf is not a threshold)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

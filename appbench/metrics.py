@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from appbench.circuit import Head
 
@@ -66,7 +67,8 @@ def faithfulness(m_model: float, m_empty: float, m_circuit: float) -> Faithfulne
     """Both faithfulness scores from the three mean metrics (ratio of means, METRICS.md 4.1/4.2)."""
     denom = m_model - m_empty
     degenerate = abs(denom) < DEGENERATE_EPS
-    percent = 100.0 * m_circuit / m_model if m_model != 0 else math.nan
+    # The ratio first: 100 * (m / m) is exactly 100 for the full model, (100 * m) / m not.
+    percent = 100.0 * (m_circuit / m_model) if m_model != 0 else math.nan
     normalised = math.nan if degenerate else (m_circuit - m_empty) / denom
     return Faithfulness(
         m_model, m_empty, m_circuit, percent, normalised, degenerate, m_model < m_empty
@@ -92,24 +94,30 @@ class Overlap:
 def overlap(circuit: Iterable[Head], reference: Iterable[Head]) -> Overlap:
     """Precision |C∩R|/|C|, recall (TPR) |C∩R|/|R|, F1 and IoU |C∩R|/|C∪R|.
 
-    An empty side gives 0 for the ratios it divides by (and IoU 1 when both are empty).
+    Empty sides are defined once for all four (:func:`_set_scores`): two empty sets agree
+    perfectly (1.0 each); an empty side against a non-empty one scores 0.0 each.
     """
     c, r = set(circuit), set(reference)
-    inter = len(c & r)
-    precision = inter / len(c) if c else 0.0
-    recall = inter / len(r) if r else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    union = len(c | r)
-    iou = inter / union if union else 1.0
-    return Overlap(precision, recall, f1, iou, inter, len(c), len(r))
+    precision, recall, f1, iou = _set_scores(c, r)
+    return Overlap(precision, recall, f1, iou, len(c & r), len(c), len(r))
 
 
-def overlap_sets(found: set[str], reference: set[str]) -> tuple[float, float, float]:
-    """(precision, recall, F1) of any two sets of ids, e.g. edges; 0 where a side is empty."""
+def _set_scores(found: set[Any], reference: set[Any]) -> tuple[float, float, float, float]:
+    """(precision, recall, F1, IoU), with 1.0 for each when both sets are empty (they agree)
+    and 0.0 for a ratio over an empty side otherwise."""
+    if not found and not reference:
+        return 1.0, 1.0, 1.0, 1.0
     inter = len(found & reference)
     precision = inter / len(found) if found else 0.0
     recall = inter / len(reference) if reference else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1, inter / len(found | reference)
+
+
+def overlap_sets(found: set[str], reference: set[str]) -> tuple[float, float, float]:
+    """(precision, recall, F1) of any two sets of ids, e.g. edges; empty sides as in
+    :func:`overlap`."""
+    precision, recall, f1, _ = _set_scores(found, reference)
     return precision, recall, f1
 
 

@@ -77,6 +77,15 @@ def get_plugin_manager() -> pluggy.PluginManager:
         pm.register(module, name=ep.name)
         version = ep.dist.version if ep.dist is not None else "?"
         _INFO[ep.name] = PluginInfo(ep.name, ep.value, dist, version)
+    if os.environ.get("APPBENCH_DISABLE_PLUGIN_AUTOLOAD"):
+        installed = {ep.dist.name for ep in importlib.metadata.entry_points(group=GROUP) if ep.dist}
+        asked = {d.strip() for d in os.environ.get("APPBENCH_LOAD_PLUGINS", "").split(",")}
+        unknown = sorted(asked - installed - {""})
+        if unknown:
+            raise PluginError(
+                f"APPBENCH_LOAD_PLUGINS names {', '.join(unknown)}: no installed distribution "
+                f"provides appbench plugins under that name (installed: {', '.join(sorted(installed))})"
+            )
     return pm
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -247,12 +249,63 @@ class RunResult(BaseModel):
     provenance: Provenance = Field(description="versions, commit, plugins, command")
 
     def save(self, path: Path) -> Path:
-        """Write atomically (temp file, then rename) so a crash never leaves half a result."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.model_dump_json(indent=2) + "\n")
-        tmp.replace(path)
+        """Write atomically, so that a crash never leaves half a result (:func:`write_atomically`)."""
+        write_atomically(path, self.model_dump_json(indent=2) + "\n")
         return path
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one: a
+    temporary file unique to this process in the same folder, flushed to disk, then renamed
+    over ``path``. Temporary files of this name left by dead processes (a run killed while
+    saving) are removed first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(path)
+    handle, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+    )
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # the rename itself survives a power cut once the folder is synced
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    except OSError:
+        pass
+
+
+def remove_orphans(path: Path) -> list[Path]:
+    """Remove the temporary files that dead processes left while writing ``path``
+    (``.<name>.<pid>.*.tmp``), and the fixed-name ``<name>.tmp`` of appbench before 0.4."""
+    removed = []
+    for tmp in [*path.parent.glob(f".{path.name}.*.tmp"), path.with_suffix(path.suffix + ".tmp")]:
+        if not tmp.exists():
+            continue
+        parts = tmp.name[len(path.name) + 2 :].split(".")
+        if tmp.name.startswith(".") and parts and parts[0].isdigit() and _alive(int(parts[0])):
+            continue  # another process is writing it now
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def model_folder_name(model: str) -> str:

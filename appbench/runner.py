@@ -116,6 +116,11 @@ class RunConfig(BaseModel):
     )
     out: Path = Field(default=DEFAULT_OUT, description="results folder")
     command: str = Field(default="", description="command line recorded in the provenance")
+    overwrite: bool = Field(
+        default=False,
+        description="replace an earlier result of other parameters at the same path (without "
+        "it such a run is refused before any work)",
+    )
     compute_reference: bool = Field(
         default=True,
         description="without a shipped reference circuit, compute the dense actpatch circuit "
@@ -584,6 +589,41 @@ def _resolve(cfg: RunConfig) -> tuple[type[Pruner], Params, type[Discoverer], Pa
     )
 
 
+def check_output(cfg: RunConfig, path: Path, settings: dict[str, Any]) -> None:
+    """Before any work: the result's folder can be written, and a result already at ``path``
+    is of the same ``settings`` (a rerun), unless ``cfg.overwrite``. A file there that is not
+    a readable result holds nothing to lose and is replaced."""
+    import os
+    import tempfile
+
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".appbench-probe.", suffix=".tmp")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RunError(
+            f"--out {cfg.out}: cannot write results in {folder} ({exc.strerror or exc})"
+        ) from None
+    if cfg.overwrite or not path.exists():
+        return
+    try:
+        earlier = load_result(path)
+    except ResultFileError:
+        return
+    differ = [
+        f"{key} {getattr(earlier, key)!r} there, {value!r} now"
+        for key, value in settings.items()
+        if getattr(earlier, key) != value
+    ]
+    if differ:
+        raise RunError(
+            f"{path} holds a run with other settings ({'; '.join(differ)}): pass --overwrite "
+            "to replace it, or give another --out"
+        )
+
+
 def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[RunResult, Path]:
     """Run one pruner x discoverer combination end to end; returns the result and its file.
 
@@ -600,11 +640,24 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
     pruner_cls, pruner_params, discoverer_cls, discoverer_params, task = _resolve(cfg)
     check_device(cfg.device)
     shipped_reference(task, cfg.model)  # a broken reference file fails before any work is done
+    seed = task.spec.seed if cfg.seed is None else cfg.seed
+    path = result_path(cfg.out, cfg.task, cfg.model, cfg.pruner, cfg.discoverer)
+    check_output(
+        cfg,
+        path,
+        {
+            "pruner_params": pruner_params.model_dump(mode="json"),
+            "discoverer_params": discoverer_params.model_dump(mode="json"),
+            "seed": seed,
+            "device": cfg.device,
+            **({"n_search": cfg.n_search} if cfg.n_search is not None else {}),
+            **({"n_eval": cfg.n_eval} if cfg.n_eval is not None else {}),
+        },
+    )
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"device {cfg.device!r} requested but CUDA is not available")
     cost: dict[str, StageCost] = {}
     flags: list[Flag] = []
-    seed = task.spec.seed if cfg.seed is None else cfg.seed
 
     def flag(code: str, message: str) -> None:
         flags.append(Flag(code=code, message=message))
@@ -693,7 +746,6 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
     ]:
         flag(found.code, found.message)
 
-    path = result_path(cfg.out, cfg.task, cfg.model, cfg.pruner, cfg.discoverer)
     provenance = Provenance(
         appbench_version=metadata.version("appbench"),
         git_commit=_git_commit(),

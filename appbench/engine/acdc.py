@@ -208,7 +208,9 @@ class _Graph:
                 if not by_sender:
                     return x
                 x = x.clone()
-                for sender, mask in by_sender.items():
+                # In node order: set order follows string hashes, which differ between
+                # processes, and float sums must not.
+                for sender, mask in sorted(by_sender.items(), key=lambda kv: kv[0].sort_key):
                     diff = sent(sender)
                     diff = diff.view(k, n, *diff.shape[1:])
                     if slot_kind is None or slot_kind == "mlp":

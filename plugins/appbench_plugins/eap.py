@@ -177,7 +177,12 @@ class EapPruner(Pruner):
         if params.keep_k is not None:
             n_keep = params.keep_k
         else:
-            n_keep = max(1, round(params.fraction * len(every)))
+            n_keep = round(params.fraction * len(every))
+            if n_keep < 1:
+                raise RunError(
+                    f"fraction {params.fraction} keeps no head of {len(every)} (at least "
+                    f"{0.5 / len(every):.4f} keeps one)"
+                )
         ranked = sorted(every, key=lambda h: (-totals.get(h, 0.0), h))
         return SearchSpace(
             ctx.n_layers,

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from appbench import Head, Params, Pruner, SearchSpace, hookimpl
+from appbench import Head, Params, Pruner, RunError, SearchSpace, hookimpl
 
 
 class MagnitudeParams(Params):
@@ -44,7 +44,12 @@ class MagnitudePruner(Pruner):
 
     def prune(self, ctx, params):
         scores = head_norms(ctx.model, params.norm).float().cpu()
-        n_keep = max(1, round(params.fraction * scores.numel()))
+        n_keep = round(params.fraction * scores.numel())
+        if n_keep < 1:
+            raise RunError(
+                f"fraction {params.fraction} keeps no head of {scores.numel()} (at least "
+                f"{0.5 / scores.numel():.4f} keeps one)"
+            )
         order = scores.flatten().argsort(descending=True, stable=True)[:n_keep].tolist()
         heads = frozenset(Head(i // ctx.n_heads, i % ctx.n_heads) for i in order)
         by_id = {

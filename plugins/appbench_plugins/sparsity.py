@@ -222,6 +222,16 @@ class SweepParams(Params):
     def _check_grid(self) -> SweepParams:
         if self.stop < self.sweep_start:
             raise ValueError(f"sweep_stop {self.stop} lies below sweep_start {self.sweep_start}")
+        given = {"sweep_start", "sweep_stop", "sweep_step", "window"} & self.model_fields_set
+        points = len(self.grid())
+        window = default_window(points) if self.window is None else self.window
+        if given and points <= window:
+            # The cliff rules compare each point with the next window - 1 ones.
+            raise ValueError(
+                f"a sweep of {points} point(s) ({self.sweep_start} to {self.stop} by "
+                f"{self.sweep_step}) cannot show a cliff in a window of {window}: give at "
+                f"least {window + 1} points"
+            )
         return self
 
     @property
@@ -342,6 +352,8 @@ def prune_branches(
         "compat": params.compat,
     }
 
+    names = ", ".join(b.name for b in branches)
+    ctx.log(f"{names}: scoring {n_total} heads on {len(calibration.data)} calibration prompts")
     scores = [b.score(calibration) for b in branches]
     curves: list[list[dict[str, Any]]] = [[] for _ in branches]
     grid = params.grid() if sweeping else []
@@ -365,6 +377,11 @@ def prune_branches(
             source, sparsity, k = "keep_k", None, branch.keep_k
         elif branch.sparsity is not None:
             source, sparsity = "sparsity", branch.sparsity
+            if round(n_total * (1.0 - sparsity), 9) < 0.5:
+                raise RunError(
+                    f"sparsity {sparsity} keeps no head of {n_total} (at most "
+                    f"{1 - 0.5 / n_total:.4f} keeps one)"
+                )
             k = keep_count(sparsity, n_total, params.compat)
         else:
             values = [point["performance"] for point in curve]
@@ -425,6 +442,10 @@ def _sweep(
     for heads, row in variants.items():
         for head in heads:
             keep[row, head.layer, head.head] = True
+    ctx.log(
+        f"sparsity sweep: {len(grid)} points, {len(variants)} distinct head sets on "
+        f"{len(data)} selection prompts"
+    )
     means = engine.per_prompt(engine.group_means(selection.z_corrupt, data), data)
     metric = engine.ablated_metric(data, keep, means).double().mean(dim=1).tolist()
     m_full = float(metric[full])
@@ -462,8 +483,20 @@ class SingleBranchParams(SweepParams):
 
     rule: Rule = Field(default="first", description="cliff rule of the sparsity sweep")
     sparsity: float | None = Field(
-        default=None, ge=0.0, le=1.0, description="fixed sparsity p; skips the sweep"
+        default=None,
+        ge=0.0,
+        lt=1.0,
+        description="fixed sparsity p (below 1: p = 1 keeps no head); skips the sweep",
     )
     keep_k: int | None = Field(
         default=None, ge=1, description="keep exactly this many heads; skips p and the sweep"
     )
+
+    @model_validator(mode="after")
+    def _one_size(self) -> SingleBranchParams:
+        given = [name for name in ("sparsity", "keep_k") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError("give sparsity or keep_k, not both")
+        if given and "rule" in self.model_fields_set:
+            raise ValueError(f"{given[0]} skips the sweep, so a cliff rule means nothing")
+        return self

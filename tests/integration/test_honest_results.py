@@ -98,8 +98,20 @@ def test_the_reference_is_evaluated_beside_the_circuit(tmp_path):
 
 
 def test_a_sweep_without_a_cliff_flags_its_fallback_sparsity(tmp_path):
-    # Two sweep points: too few for the cliff window, so the fallback sparsity is used.
-    result = run_app(tmp_path, "-p", "sweep_start", "0.98")
+    # Three sweep points that all keep one head of 32: a flat curve has no cliff, so the
+    # fallback sparsity is used. (Fewer points than the cliff window needs are refused.)
+    result = run_app(
+        tmp_path,
+        "-p",
+        "sweep_start",
+        "0.99",
+        "-p",
+        "sweep_stop",
+        "0.992",
+        "-p",
+        "sweep_step",
+        "0.001",
+    )
     assert result.exit_code == 0, result.output
     saved = load_result(tmp_path / "ioi" / "zoo-multitask" / "cflap__pathpatch.json")
     assert "fallback-sparsity" in flag_codes(saved)
@@ -166,7 +178,8 @@ def test_speedup_against_an_unlike_dense_run_is_refused_naming_the_difference(
     dense_run, extra, named
 ):
     args = ["run", "--pruner", "cflap", "--discoverer", "pathpatch", "-p", "selection", "same"]
-    args += ["--out", str(dense_run), "--n-eval", "30", "--quiet", *MULTITASK]
+    # Each case replaces the APP result of the one before: other settings, so --overwrite.
+    args += ["--out", str(dense_run), "--n-eval", "30", "--quiet", "--overwrite", *MULTITASK]
     if "--n-search" not in extra:
         args += ["--n-search", "30"]
     result = invoke(*args, *extra)
