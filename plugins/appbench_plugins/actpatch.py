@@ -11,7 +11,8 @@ with means over prompts taken before the ratio. 0 means no effect, -1 means the 
 carries the whole clean-vs-corrupt difference. Heads with |effect| above ``threshold`` form the
 circuit (``absolute=false`` keeps only heads whose patching hurts the metric). Heads outside
 the search space are never run. Runs of one layer are batched and start from the cached clean
-residual stream at that layer.
+residual stream at that layer. Prompts run ``batch_size`` at a time (automatic: as many as fit
+256 MiB of cached activations), so a large split never holds more than one chunk.
 """
 
 from pydantic import Field
@@ -27,6 +28,27 @@ class ActPatchParams(Params):
         default=True,
         description="compare |effect| (true) or only the metric drop, -effect (false), to the threshold",
     )
+    batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="prompts per pass (bounds memory); default: as many as fit 256 MiB of "
+        "cached activations",
+    )
+
+
+#: Bytes of one chunk's cached activations that the automatic batch size aims at.
+CHUNK_BYTES = 256 * 2**20
+
+
+def _batch_size(ctx, given):
+    if given is not None:
+        return given
+    cfg = ctx.model.cfg
+    tokens = int(ctx.search.clean.shape[1])
+    per_prompt = (
+        tokens * int(cfg.n_layers) * (int(cfg.n_heads) * int(cfg.d_head) + int(cfg.d_model))
+    )
+    return max(1, CHUNK_BYTES // (4 * per_prompt))
 
 
 class ActPatch(Discoverer):
@@ -38,13 +60,24 @@ class ActPatch(Discoverer):
 
     def discover(self, ctx, space, params):
         engine, data = ctx.engine, ctx.search
-        m_clean = engine.clean_metric(data).mean().item()
-        m_corrupt = engine.corrupt_metric(data).mean().item()
+        batch = _batch_size(ctx, params.batch_size)
+        clean_sum = corrupt_sum = 0.0
+        patched_sum: dict = {}
+        n = len(data)
+        for first in range(0, n, batch):
+            chunk = data if batch >= n else data.select(range(first, min(n, first + batch)))
+            if batch < n:
+                ctx.log(f"actpatch: prompts {first + 1}-{first + len(chunk)} of {n}")
+            clean_sum += engine.clean_metric(chunk).double().sum().item()
+            corrupt_sum += engine.corrupt_metric(chunk).double().sum().item()
+            z_corrupt = engine.cache_z(chunk.corrupt)
+            resid_pre = engine.cache_resid_pre(chunk.clean)
+            patched = engine.patch_heads(chunk, space.sorted_heads(), z_corrupt, resid_pre)
+            for head, values in patched.items():
+                patched_sum[head] = patched_sum.get(head, 0.0) + values.double().sum().item()
+        m_clean, m_corrupt = clean_sum / n, corrupt_sum / n
         gap = metric_gap(m_clean, m_corrupt)  # raises when every effect would be noise
-        z_corrupt = engine.cache_z(data.corrupt)
-        resid_pre = engine.cache_resid_pre(data.clean)
-        patched = engine.patch_heads(data, space.sorted_heads(), z_corrupt, resid_pre)
-        effects = {head: (values.mean().item() - m_clean) / gap for head, values in patched.items()}
+        effects = {head: (total / n - m_clean) / gap for head, total in patched_sum.items()}
         strength = {h: abs(e) if params.absolute else -e for h, e in effects.items()}
         heads = {h for h, s in strength.items() if s > params.threshold}
         return Circuit(

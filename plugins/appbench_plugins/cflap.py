@@ -24,7 +24,13 @@ from typing import Any
 from pydantic import Field
 
 from appbench import Pruner, hookimpl
-from appbench_plugins.flap import Metric, channel_metric, head_scores
+from appbench_plugins.flap import (
+    Metric,
+    channel_metric,
+    channel_metric_of,
+    channel_stats,
+    head_scores,
+)
 from appbench_plugins.sparsity import Branch, SingleBranchParams, prune_single
 
 
@@ -67,9 +73,10 @@ def cflap_branch(ctx: Any, metric: str, rule: str, sparsity, keep_k, compat: boo
     w_o = ctx.model.W_O
 
     def score(prompts):
-        return contrastive_scores(
-            prompts.z_clean, prompts.z_corrupt, prompts.data.pad_mask(), w_o, metric, compat
-        )
+        # Chunk by chunk of prompts: only one chunk's hook_z is held at a time.
+        clean = channel_metric_of(channel_stats(prompts.z_chunks("clean"), compat), w_o, metric)
+        corrupt = channel_metric_of(channel_stats(prompts.z_chunks("corrupt"), compat), w_o, metric)
+        return head_scores((clean**2 - corrupt**2).abs(), int(w_o.shape[1]))
 
     return Branch("cflap", score, rule, sparsity, keep_k, {"metric": metric})
 

@@ -27,6 +27,7 @@ The whole method is a pruner; the kept heads are the search space handed to a di
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import Field
@@ -54,6 +55,90 @@ def _flat(z: Any) -> Any:
     return z.flatten(-2).to(dtype)
 
 
+class ChannelStats:
+    """Fluctuation and second moment of every channel ([L, H*d]), accumulated chunk by chunk
+    of prompts so that no more than one chunk of ``hook_z`` is ever held. With one chunk the
+    arithmetic is exactly that of the whole split at once; later chunks merge by Chan et al.'s
+    pairwise update (count, mean, sum of squared deviations)."""
+
+    def __init__(self, compat: bool = False) -> None:
+        self.compat = compat
+        self.count: Any = None  # non-pad tokens (compat: prompts) per layer, [L, 1]
+        self.mean: Any = None
+        self.m2: Any = None  # sum of squared deviations (compat: the running fluctuation)
+        self.square: Any = None  # sum of x^2 over tokens (compat: over prompts of per-prompt sums)
+
+    def add(self, z: Any, mask: Any) -> None:
+        """One chunk: ``z`` [L, n, T, H, d] with its [n, T] non-pad mask."""
+        x = _flat(z)
+        if self.compat:
+            self._add_compat(x)
+            return
+        weights = mask.to(x.dtype).to(x.device)[None, :, :, None]
+        count = weights.sum(dim=(1, 2))
+        square = ((x**2) * weights).sum(dim=(1, 2))
+        if self.count is None:
+            if float(count.min()) < 1:
+                raise RunError("FLAP statistics need at least one non-pad calibration token")
+            mean = (x * weights).sum(dim=(1, 2)) / count
+            self.count, self.mean, self.square = count, mean, square
+            self.m2 = (((x - mean[:, None, None]) ** 2) * weights).sum(dim=(1, 2))
+            return
+        if float(count.min()) < 1:
+            return
+        mean = (x * weights).sum(dim=(1, 2)) / count
+        m2 = (((x - mean[:, None, None]) ** 2) * weights).sum(dim=(1, 2))
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * count / total
+        self.m2 = self.m2 + m2 + delta**2 * self.count * count / total
+        self.count, self.square = total, self.square + square
+
+    def _add_compat(self, x: Any) -> None:
+        # FLAP's own running update, prompt by prompt over all positions, continued across
+        # chunks (see the module doc).
+        square = (x**2).sum(dim=2).sum(dim=1)
+        first = 0
+        if self.count is None:
+            self.mean = x[:, 0].mean(dim=1)
+            self.m2 = x.new_zeros(self.mean.shape)
+            self.square = square
+            self.count = 1
+            first = 1
+        else:
+            self.square = self.square + square
+        for i in range(first, x.shape[1]):
+            n = self.count
+            prompt = x[:, i]  # [L, T, C]
+            self.mean = self.mean * n / (n + 1) + prompt.mean(dim=1) / (n + 1)
+            self.m2 = self.m2 * (n - 1) / n + ((prompt - self.mean[:, None]) ** 2).sum(dim=1) / (
+                n + 1
+            )
+            self.count = n + 1
+
+    def variance(self) -> Any:
+        """V_j: the unbiased token variance (compat: FLAP's running fluctuation)."""
+        if self.compat:
+            return self.m2
+        if float(self.count.min()) < 2:
+            raise RunError("FLAP statistics need at least two non-pad calibration tokens")
+        return self.m2 / (self.count - 1)
+
+    def second_moment(self) -> Any:
+        """E2_j: the per-token mean of x^2 (compat: the mean over prompts of summed x^2)."""
+        return self.square / self.count
+
+
+def channel_stats(chunks: Iterable[tuple[Any, Any]], compat: bool = False) -> ChannelStats:
+    """Accumulate :class:`ChannelStats` over ``(z, mask)`` chunks."""
+    stats = ChannelStats(compat)
+    for z, mask in chunks:
+        stats.add(z, mask)
+    if stats.count is None:
+        raise RunError("FLAP statistics need at least one calibration prompt")
+    return stats
+
+
 def channel_variance(z: Any, mask: Any, compat: bool = False) -> Any:
     """Fluctuation V_j of every channel: [L, N, T, H, d] -> [L, H*d].
 
@@ -62,37 +147,13 @@ def channel_variance(z: Any, mask: Any, compat: bool = False) -> Any:
         mask: [N, T] True on real tokens (ignored with ``compat``).
         compat: FLAP's per-prompt running update over all positions (see the module doc).
     """
-    x = _flat(z)
-    if compat:
-        n_prompts = x.shape[1]
-        mean = x[:, 0].mean(dim=1)
-        fluctuation = x.new_zeros(mean.shape)
-        for n in range(1, n_prompts):
-            prompt = x[:, n]  # [L, T, C]
-            mean = mean * n / (n + 1) + prompt.mean(dim=1) / (n + 1)
-            fluctuation = fluctuation * (n - 1) / n + ((prompt - mean[:, None]) ** 2).sum(dim=1) / (
-                n + 1
-            )
-        return fluctuation
-    weights = mask.to(x.dtype).to(x.device)[None, :, :, None]
-    count = weights.sum(dim=(1, 2))
-    if float(count.min()) < 2:
-        raise RunError("FLAP statistics need at least two non-pad calibration tokens")
-    mean = (x * weights).sum(dim=(1, 2)) / count
-    return (((x - mean[:, None, None]) ** 2) * weights).sum(dim=(1, 2)) / (count - 1)
+    return channel_stats([(z, mask)], compat).variance()
 
 
 def channel_second_moment(z: Any, mask: Any, compat: bool = False) -> Any:
     """E2_j of every channel: per-token mean of x^2 over non-pad positions, or with ``compat``
     the mean over prompts of the sum of x^2 over all positions. [L, N, T, H, d] -> [L, H*d]."""
-    x = _flat(z)
-    if compat:
-        return (x**2).sum(dim=2).mean(dim=1)
-    weights = mask.to(x.dtype).to(x.device)[None, :, :, None]
-    count = weights.sum(dim=(1, 2))
-    if float(count.min()) < 1:
-        raise RunError("FLAP statistics need at least one non-pad calibration token")
-    return ((x**2) * weights).sum(dim=(1, 2)) / count
+    return channel_stats([(z, mask)], compat).second_moment()
 
 
 def channel_metric(z: Any, mask: Any, w_o: Any, metric: str, compat: bool = False) -> Any:
@@ -105,14 +166,20 @@ def channel_metric(z: Any, mask: Any, w_o: Any, metric: str, compat: bool = Fals
         metric: ``ifv``, ``wifv`` or ``wifn``.
         compat: the authors' statistics.
     """
+    return channel_metric_of(channel_stats([(z, mask)], compat), w_o, metric)
+
+
+def channel_metric_of(stats: ChannelStats, w_o: Any, metric: str) -> Any:
+    """M_j from accumulated statistics (see :func:`channel_metric`)."""
     import torch
 
     with torch.no_grad():
-        w = w_o.detach().flatten(1, 2).to(z.device)  # [L, H*d, d_model]
         if metric == "wifn":
-            e2 = channel_second_moment(z, mask, compat)
+            e2 = stats.second_moment()
+            w = w_o.detach().flatten(1, 2).to(e2.device)  # [L, H*d, d_model]
             return e2.sqrt() * w.abs().mean(dim=-1).to(e2.dtype)
-        variance = channel_variance(z, mask, compat)
+        variance = stats.variance()
+        w = w_o.detach().flatten(1, 2).to(variance.device)
         if metric == "ifv":
             return variance
         if metric == "wifv":
@@ -149,7 +216,9 @@ def flap_branch(ctx: Any, metric: str, rule: str, sparsity, keep_k, compat: bool
     w_o = ctx.model.W_O
 
     def score(prompts):
-        return flap_scores(prompts.z_clean, prompts.data.pad_mask(), w_o, metric, compat)
+        # Chunk by chunk of prompts: only one chunk's hook_z is held at a time.
+        stats = channel_stats(prompts.z_chunks("clean"), compat)
+        return head_scores(channel_metric_of(stats, w_o, metric) ** 2, int(w_o.shape[1]))
 
     return Branch("flap", score, rule, sparsity, keep_k, {"metric": metric})
 

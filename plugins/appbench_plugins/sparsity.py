@@ -34,7 +34,7 @@ search prompt calibrates.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -194,6 +194,12 @@ class SweepParams(Params):
         description="last sparsity of the sweep, inclusive; default 0.99 (0.98 with compat)",
     )
     sweep_step: float = Field(default=0.01, gt=0.0, le=1.0, description="sweep step")
+    batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="prompts per pass while scoring and sweeping (bounds memory); default: "
+        "as many as fit 256 MiB of hook_z",
+    )
     window: int | None = Field(
         default=None,
         ge=2,
@@ -251,22 +257,70 @@ class SweepParams(Params):
 
 
 # ------------------------------------------------------------------------- the stage
-class Prompts:
-    """A set of prompts with their ``hook_z`` caches, each computed once on first use."""
+#: Bytes of one chunk's cached ``hook_z`` that the automatic batch size aims at.
+CHUNK_BYTES = 256 * 2**20
 
-    def __init__(self, engine: Any, data: Any) -> None:
+
+class Prompts:
+    """A set of prompts, run in chunks of ``batch_size`` prompts so that pruning holds one
+    chunk's activations at a time, whatever the size of the split (automatic: as many
+    prompts as fit :data:`CHUNK_BYTES` of ``hook_z``)."""
+
+    def __init__(self, engine: Any, data: Any, batch_size: int | None = None) -> None:
         self.engine = engine
         self.data = data
+        if batch_size is None:
+            cfg = engine.model.cfg
+            per_prompt = (
+                int(cfg.n_layers) * int(data.clean.shape[1]) * int(cfg.n_heads) * int(cfg.d_head)
+            ) * 8  # float64 statistics
+            batch_size = max(1, CHUNK_BYTES // per_prompt)
+        self.batch_size = batch_size
+
+    def chunks(self) -> Iterator[Any]:
+        """The prompts, ``batch_size`` at a time (in order)."""
+        n = len(self.data)
+        if n <= self.batch_size:
+            yield self.data
+            return
+        for first in range(0, n, self.batch_size):
+            yield self.data.select(range(first, min(n, first + self.batch_size)))
+
+    def z_chunks(self, which: str) -> Iterator[tuple[Any, Any]]:
+        """``(hook_z [L, n, T, H, d], pad mask [n, T])`` of each chunk's clean or corrupted
+        prompts."""
+        for chunk in self.chunks():
+            yield self.engine.cache_z(getattr(chunk, which)), chunk.pad_mask()
 
     @cached_property
-    def z_clean(self) -> Any:
-        """[L, N, T, H, d_head] on the clean prompts."""
-        return self.engine.cache_z(self.data.clean)
+    def corrupt_group_means(self) -> Any:
+        """Per-template, per-position means of ``hook_z`` on the corrupted prompts,
+        [L, G, T, H, d], summed chunk by chunk."""
+        import torch
 
-    @cached_property
-    def z_corrupt(self) -> Any:
-        """[L, N, T, H, d_head] on the corrupted prompts."""
-        return self.engine.cache_z(self.data.corrupt)
+        data = self.data
+        totals = None
+        for chunk, (z, _) in zip(self.chunks(), self.z_chunks("corrupt"), strict=True):
+            groups = chunk.groups.to(z.device)
+            if totals is None:
+                totals = torch.zeros(
+                    (z.shape[0], data.n_groups, *z.shape[2:]), dtype=z.dtype, device=z.device
+                )
+            totals.index_add_(1, groups, z)
+        assert totals is not None
+        counts = torch.bincount(data.groups, minlength=data.n_groups).clamp(min=1)
+        return totals / counts.to(totals.device, totals.dtype).view(1, -1, 1, 1, 1)
+
+    def ablated_metric(self, keep: Any) -> Any:
+        """[K, N] metric of each kept-head set, every other head at its corrupted group mean,
+        run chunk by chunk of prompts."""
+        import torch
+
+        rows = []
+        for chunk in self.chunks():
+            means = self.engine.per_prompt(self.corrupt_group_means, chunk)
+            rows.append(self.engine.ablated_metric(chunk, keep, means))
+        return torch.cat(rows, dim=1)
 
 
 @dataclass(frozen=True)
@@ -340,10 +394,12 @@ def prune_branches(
                 "selection=holdout needs at least two prompts of one template in the search "
                 "split; use more search prompts or selection=same"
             )
-        calibration = Prompts(ctx.engine, search.select(calib_idx))
-        selection: Prompts | None = Prompts(ctx.engine, search.select(select_idx))
+        calibration = Prompts(ctx.engine, search.select(calib_idx), params.batch_size)
+        selection: Prompts | None = Prompts(
+            ctx.engine, search.select(select_idx), params.batch_size
+        )
     else:
-        calibration = Prompts(ctx.engine, search)
+        calibration = Prompts(ctx.engine, search, params.batch_size)
         selection = calibration if sweeping else None
     common: dict[str, Any] = {
         "selection": mode,
@@ -422,7 +478,7 @@ def _sweep(
     """Performance curves of the sweeping branches (empty lists for the others) and m(full)."""
     import torch
 
-    engine, data = ctx.engine, selection.data
+    data = selection.data
     n_total = ctx.n_layers * ctx.n_heads
     ks = [keep_count(p, n_total, params.compat) for p in grid]
     # One variant per distinct head set: the full model first, then every branch's circuits.
@@ -446,8 +502,7 @@ def _sweep(
         f"sparsity sweep: {len(grid)} points, {len(variants)} distinct head sets on "
         f"{len(data)} selection prompts"
     )
-    means = engine.per_prompt(engine.group_means(selection.z_corrupt, data), data)
-    metric = engine.ablated_metric(data, keep, means).double().mean(dim=1).tolist()
+    metric = selection.ablated_metric(keep).double().mean(dim=1).tolist()
     m_full = float(metric[full])
     if not m_full > 0:
         raise RunError(

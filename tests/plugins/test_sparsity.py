@@ -257,3 +257,31 @@ def test_bad_states_raise_run_errors(planted_ctx):
     planted_ctx.model.unembed.W_U.data[11] *= -1  # the model now answers "no"
     with pytest.raises(RunError, match="m\\(M\\) > 0"):
         prune_branches(planted_ctx, SweepParams(), [_fixed_branch(scores)])
+
+
+@pytest.mark.parametrize("compat", [False, True])
+def test_chunks_of_prompts_give_the_scores_and_curve_of_the_whole_split(compat):
+    """Scoring and sweeping chunk by chunk (7 prompts at a time, Chan's merge; FLAP's
+    running update continued across chunks with compat) equal the whole split at once."""
+    import torch
+
+    from appbench import RunContext, get_registries, load_model
+    from appbench.engine.patching import PatchingEngine
+    from appbench_plugins.cflap import CflapPruner
+    from appbench_plugins.merged import MergedPruner
+
+    model = load_model("zoo-gt-ioi")
+    task = get_registries().tasks.get("ioi")
+    search, evaluation = task.splits(model.tokenizer, n_search=60, n_eval=10)
+    ctx = RunContext(
+        model, "zoo-gt-ioi", task, search, evaluation, "cpu", 0, PatchingEngine(model, task)
+    )
+    for pruner in (CflapPruner, MergedPruner):
+        whole = pruner().prune(ctx, pruner.Params(compat=compat))
+        chunked = pruner().prune(ctx, pruner.Params(compat=compat, batch_size=7))
+        assert chunked.heads == whole.heads
+        for head, score in whole.scores.items():
+            assert chunked.scores[head] == pytest.approx(score, rel=1e-9, abs=1e-12)
+    curve = [p["performance"] for p in whole.details["flap"]["curve"]]
+    again = [p["performance"] for p in chunked.details["flap"]["curve"]]
+    torch.testing.assert_close(torch.tensor(again), torch.tensor(curve), rtol=1e-9, atol=1e-9)
