@@ -301,14 +301,17 @@ def evaluate_circuits(ctx: RunContext, circuits: Sequence[frozenset[Head]]) -> l
     all in one batched pass together with the full model and the empty circuit."""
     import torch
 
+    from appbench.engine.chunks import auto_batch_size, chunked_ablated_metric, corrupt_group_means
+
     engine, data = ctx.engine, ctx.evaluation
-    means = engine.per_prompt(engine.group_means(engine.cache_z(data.corrupt), data), data)
+    batch = auto_batch_size(ctx.model, data, 4)  # a chunk of prompts at a time
+    means = corrupt_group_means(engine, data, batch)
     keep = torch.zeros(2 + len(circuits), ctx.n_layers, ctx.n_heads, dtype=torch.bool)
     keep[0] = True  # the full model: nothing ablated
     for row, heads in enumerate(circuits, start=2):
         for head in heads:
             keep[row, head.layer, head.head] = True
-    values = engine.ablated_metric(data, keep, means).double().mean(dim=1).tolist()
+    values = chunked_ablated_metric(engine, data, keep, means, batch).double().mean(dim=1).tolist()
     return [
         Faithfulness(
             **metrics.faithfulness(values[0], values[1], value).to_dict(),  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ carries the whole clean-vs-corrupt difference. Heads with |effect| above ``thres
 circuit (``absolute=false`` keeps only heads whose patching hurts the metric). Heads outside
 the search space are never run. Runs of one layer are batched and start from the cached clean
 residual stream at that layer. Prompts run ``batch_size`` at a time (automatic: as many as fit
-256 MiB of cached activations), so a large split never holds more than one chunk.
+256 MiB of cached ``hook_z``), so a large split never holds more than one chunk.
 """
 
 from pydantic import Field
@@ -32,23 +32,8 @@ class ActPatchParams(Params):
         default=None,
         ge=1,
         description="prompts per pass (bounds memory); default: as many as fit 256 MiB of "
-        "cached activations",
+        "cached hook_z",
     )
-
-
-#: Bytes of one chunk's cached activations that the automatic batch size aims at.
-CHUNK_BYTES = 256 * 2**20
-
-
-def _batch_size(ctx, given):
-    if given is not None:
-        return given
-    cfg = ctx.model.cfg
-    tokens = int(ctx.search.clean.shape[1])
-    per_prompt = (
-        tokens * int(cfg.n_layers) * (int(cfg.n_heads) * int(cfg.d_head) + int(cfg.d_model))
-    )
-    return max(1, CHUNK_BYTES // (4 * per_prompt))
 
 
 class ActPatch(Discoverer):
@@ -60,7 +45,9 @@ class ActPatch(Discoverer):
 
     def discover(self, ctx, space, params):
         engine, data = ctx.engine, ctx.search
-        batch = _batch_size(ctx, params.batch_size)
+        from appbench import auto_batch_size
+
+        batch = params.batch_size or auto_batch_size(ctx.model, data, 4)
         clean_sum = corrupt_sum = 0.0
         patched_sum: dict = {}
         n = len(data)

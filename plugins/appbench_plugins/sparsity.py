@@ -257,34 +257,23 @@ class SweepParams(Params):
 
 
 # ------------------------------------------------------------------------- the stage
-#: Bytes of one chunk's cached ``hook_z`` that the automatic batch size aims at.
-CHUNK_BYTES = 256 * 2**20
-
-
 class Prompts:
     """A set of prompts, run in chunks of ``batch_size`` prompts so that pruning holds one
     chunk's activations at a time, whatever the size of the split (automatic: as many
-    prompts as fit :data:`CHUNK_BYTES` of ``hook_z``)."""
+    prompts as fit 256 MiB of float64 ``hook_z``; :mod:`appbench.engine.chunks`)."""
 
     def __init__(self, engine: Any, data: Any, batch_size: int | None = None) -> None:
+        from appbench import auto_batch_size
+
         self.engine = engine
         self.data = data
-        if batch_size is None:
-            cfg = engine.model.cfg
-            per_prompt = (
-                int(cfg.n_layers) * int(data.clean.shape[1]) * int(cfg.n_heads) * int(cfg.d_head)
-            ) * 8  # float64 statistics
-            batch_size = max(1, CHUNK_BYTES // per_prompt)
-        self.batch_size = batch_size
+        self.batch_size = batch_size or auto_batch_size(engine.model, data)
 
     def chunks(self) -> Iterator[Any]:
         """The prompts, ``batch_size`` at a time (in order)."""
-        n = len(self.data)
-        if n <= self.batch_size:
-            yield self.data
-            return
-        for first in range(0, n, self.batch_size):
-            yield self.data.select(range(first, min(n, first + self.batch_size)))
+        from appbench import prompt_chunks
+
+        return prompt_chunks(self.data, self.batch_size)
 
     def z_chunks(self, which: str) -> Iterator[tuple[Any, Any]]:
         """``(hook_z [L, n, T, H, d], pad mask [n, T])`` of each chunk's clean or corrupted
@@ -294,33 +283,19 @@ class Prompts:
 
     @cached_property
     def corrupt_group_means(self) -> Any:
-        """Per-template, per-position means of ``hook_z`` on the corrupted prompts,
-        [L, G, T, H, d], summed chunk by chunk."""
-        import torch
+        """Per-template, per-position means of ``hook_z`` on the corrupted prompts."""
+        from appbench import corrupt_group_means
 
-        data = self.data
-        totals = None
-        for chunk, (z, _) in zip(self.chunks(), self.z_chunks("corrupt"), strict=True):
-            groups = chunk.groups.to(z.device)
-            if totals is None:
-                totals = torch.zeros(
-                    (z.shape[0], data.n_groups, *z.shape[2:]), dtype=z.dtype, device=z.device
-                )
-            totals.index_add_(1, groups, z)
-        assert totals is not None
-        counts = torch.bincount(data.groups, minlength=data.n_groups).clamp(min=1)
-        return totals / counts.to(totals.device, totals.dtype).view(1, -1, 1, 1, 1)
+        return corrupt_group_means(self.engine, self.data, self.batch_size)
 
     def ablated_metric(self, keep: Any) -> Any:
         """[K, N] metric of each kept-head set, every other head at its corrupted group mean,
         run chunk by chunk of prompts."""
-        import torch
+        from appbench import chunked_ablated_metric
 
-        rows = []
-        for chunk in self.chunks():
-            means = self.engine.per_prompt(self.corrupt_group_means, chunk)
-            rows.append(self.engine.ablated_metric(chunk, keep, means))
-        return torch.cat(rows, dim=1)
+        return chunked_ablated_metric(
+            self.engine, self.data, keep, self.corrupt_group_means, self.batch_size
+        )
 
 
 @dataclass(frozen=True)
