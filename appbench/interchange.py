@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -168,18 +166,11 @@ def from_graph_json(data: Any, source: str = "graph") -> Circuit:
 
 
 def write_json_atomically(path: Path, document: Any) -> None:
-    """Write ``document`` as JSON to ``path`` through a temporary file in the same folder, so
-    that a crash never leaves half a file (NaN written as the EAP-IG library writes it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(document, file)
-            file.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``document`` as JSON (NaN as the EAP-IG library writes it) through
+    :func:`appbench.results.write_atomically`: a crash never leaves half a file."""
+    from appbench.results import write_atomically
+
+    write_atomically(path, json.dumps(document) + "\n")
 
 
 def read_graph_file(path: Path) -> Circuit:

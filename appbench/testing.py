@@ -662,3 +662,58 @@ class PlantedCircuit:
         wiring.v(layer, head, wiring.vocab["A"], size)
         if self.signal == "sign":
             wiring.v(layer, head, wiring.vocab["B"], -size)
+
+
+# --------------------------------------------------------------------------------------------
+# Memory caps: does a computation fit a budget? (a subprocess, since a cap cannot be lifted)
+# --------------------------------------------------------------------------------------------
+
+#: Prepended to every :func:`run_under_memory_cap` script: torch on one thread, ``vm_bytes()``,
+#: ``capped(budget_mib)`` (cap the address space at what is mapped now plus the budget), and
+#: ``wide_model()``, a random 2-layer, 512-wide model on the IOI vocabulary with its task.
+MEMORY_PRELUDE = """
+import resource
+import torch
+torch.set_num_threads(1)
+from appbench import build_model, get_registries, word_level_tokenizer
+
+def vm_bytes():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+
+def capped(budget_mib):
+    limit = vm_bytes() + budget_mib * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+
+def wide_model():
+    task = get_registries().tasks.get("ioi")
+    tokenizer = word_level_tokenizer(sorted(task.vocabulary()))
+    config = dict(
+        n_layers=2, d_model=512, n_ctx=64, d_head=64, n_heads=8, d_mlp=1024,
+        d_vocab=len(tokenizer), act_fn="gelu", normalization_type="LN",
+        model_name="memory-probe", positional_embedding_type="standard",
+    )
+    torch.manual_seed(0)
+    return build_model(config, tokenizer), task, tokenizer
+"""
+
+
+def run_under_memory_cap(script: str, *args: str, timeout: float = 600) -> str:
+    """Run ``script`` (after :data:`MEMORY_PRELUDE`) in a fresh Python with ``args`` in
+    ``sys.argv[1:]``, one thread and one malloc arena (so that a cap measures tensors, not
+    thread arenas); returns its stripped stdout. Linux only (reads /proc)."""
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_PRELUDE + script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1"},
+    )
+    if done.returncode:
+        raise AssertionError(f"memory probe failed: {done.stderr[-2000:]}")
+    return done.stdout.strip()
