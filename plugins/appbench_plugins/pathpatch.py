@@ -74,6 +74,7 @@ per sender, as the authors do. ``details.reference_forward_passes`` counts the p
 reference makes for this search whichever engine ran; the runner measures what actually ran.
 """
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -153,6 +154,13 @@ class PathPatchParams(Params):
         default="fast",
         description="fast: appbench's PathPatcher (same scores, far fewer FLOPs); reference: "
         "two whole forward passes per sender per input, as the authors run it",
+    )
+    batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="prompts per pass (bounds memory); a split larger than this is scored a "
+        "chunk at a time, its caches rebuilt per receiver; default: as many as fit 256 MiB "
+        "of hook_z",
     )
     early_exit_fraction: float = Field(
         default=0.75,
@@ -257,17 +265,26 @@ class PathPatch(Discoverer):
                 mode=params.mode,
             )
 
+        from appbench import auto_batch_size, prompt_chunks
+
+        batch = params.batch_size or auto_batch_size(model, ctx.search, 4)
+        chunks = list(prompt_chunks(ctx.search, batch))
+        first_ctx = ctx if len(chunks) == 1 else dataclasses.replace(ctx, search=chunks[0])
         engine, fallback = params.engine, None
-        scorer: _FastScorer | _ReferenceScorer | None = None
+        scorer: _FastScorer | _ReferenceScorer | _ChunkedScorer | None = None
         if engine == "fast":
             try:
-                scorer = _FastScorer(ctx)
+                scorer = _FastScorer(first_ctx)
             except NotCausalError as exc:
                 fallback = str(exc)
                 ctx.log(f"pathpatch: {exc}; scoring with the reference engine instead")
                 engine = "reference"
         if scorer is None:
-            scorer = _ReferenceScorer(ctx)
+            scorer = _ReferenceScorer(first_ctx)
+        if len(chunks) > 1:
+            ctx.log(f"pathpatch: {len(ctx.search)} prompts in {len(chunks)} chunks of {batch}")
+            kind = _FastScorer if engine == "fast" else _ReferenceScorer
+            scorer = _ChunkedScorer(ctx, chunks, kind)
         m_clean, m_corrupt = scorer.m_clean, scorer.m_corrupt
         strongest: dict[Head, float] = {}
 
@@ -429,6 +446,46 @@ class _FastScorer:
 
     def receiver(self, receiver, senders, letters):
         return self.patcher.receiver_scores(receiver, senders, letters)
+
+
+class _ChunkedScorer:
+    """Scores of a split too large for one pass: every call scores each chunk of prompts with
+    a scorer built for it (caches rebuilt, then dropped, so one chunk is held at a time), and
+    combines them exactly. A chunk's score s_c = (m_c(patched) - m_c(clean)) / gap_c gives its
+    mean patched metric back; the split's score is then (mean patched - m(clean)) / gap."""
+
+    def __init__(self, ctx, chunks, kind):
+        self.ctx, self.chunks, self.kind = ctx, chunks, kind
+        engine = ctx.engine
+        sizes = [len(chunk) for chunk in chunks]
+        clean = [engine.clean_metric(chunk).double().sum().item() for chunk in chunks]
+        corrupt = [engine.corrupt_metric(chunk).double().sum().item() for chunk in chunks]
+        self.n = sum(sizes)
+        self.m_clean, self.m_corrupt = sum(clean) / self.n, sum(corrupt) / self.n
+        metric_gap(self.m_clean, self.m_corrupt)  # raises when scores would be noise
+
+    def _combined(self, score):
+        """``score(scorer)`` -> {key: {head: score}} per chunk, combined over the split."""
+        patched: dict = {}
+        for chunk in self.chunks:
+            scorer = self.kind(dataclasses.replace(self.ctx, search=chunk))
+            gap = scorer.m_clean - scorer.m_corrupt
+            for key, scores in score(scorer).items():
+                into = patched.setdefault(key, {})
+                for head, value in scores.items():
+                    mean = scorer.m_clean + value * gap
+                    into[head] = into.get(head, 0.0) + mean * len(chunk)
+        gap = self.m_clean - self.m_corrupt
+        return {
+            key: {h: (total / self.n - self.m_clean) / gap for h, total in scores.items()}
+            for key, scores in patched.items()
+        }
+
+    def logits(self, senders):
+        return self._combined(lambda scorer: {None: scorer.logits(senders)})[None]
+
+    def receiver(self, receiver, senders, letters):
+        return self._combined(lambda scorer: scorer.receiver(receiver, senders, letters))
 
 
 @hookimpl
