@@ -325,42 +325,35 @@ def evaluate_circuits(ctx: RunContext, circuits: Sequence[frozenset[Head]]) -> l
 def evaluate_edge_circuit(ctx: RunContext, circuit: Circuit, node: Faithfulness) -> Faithfulness:
     """Faithfulness of ``circuit``'s edges: as the node circuit's (same m(M) and m(∅)), with the
     edges between its nodes that it leaves out patched too; in the full graph MLPs and the input
-    outside the circuit are ablated as heads are."""
-    import torch
-
+    outside the circuit are ablated as heads are. Run a chunk of prompts at a time."""
     from appbench.engine.acdc import edge_circuit_metric
+    from appbench.engine.chunks import auto_batch_size, corrupt_hook_means, prompt_chunks
 
-    engine, data = ctx.engine, ctx.evaluation
-    means = engine.per_prompt(engine.group_means(engine.cache_z(data.corrupt), data), data)
+    data, n_layers = ctx.evaluation, ctx.n_layers
     full = circuit.graph == "full"
-    source_mlp: list[torch.Tensor] = []
-    source_embed = None
-    if full:
-        names = {f"blocks.{i}.hook_mlp_out" for i in range(ctx.n_layers)} | {
-            "blocks.0.hook_resid_pre"
-        }
-        with torch.no_grad():
-            _, cache = ctx.model.run_with_cache(data.corrupt, names_filter=lambda n: n in names)
-        # Per-template means as for the heads: [L, N, T, 1, d] through the same helpers.
-        stacked = [cache["blocks.0.hook_resid_pre"]] + [
-            cache[name]
-            for name in sorted(names - {"blocks.0.hook_resid_pre"}, key=_layer_of)
-            if name in cache
-        ]
-        outs = engine.per_prompt(
-            engine.group_means(torch.stack(stacked)[:, :, :, None], data), data
-        )[:, :, :, 0]
-        source_embed, source_mlp = outs[0], list(outs[1:])
-    value = edge_circuit_metric(
-        ctx.model,
-        ctx.task,
-        data,
-        circuit.edges,
-        [means[layer] for layer in range(ctx.n_layers)],
-        full=full,
-        source_mlp=source_mlp,
-        source_embed=source_embed,
-    )
+    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
+    other = ["blocks.0.hook_resid_pre"] + [
+        f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)
+    ]
+    if not full or getattr(ctx.model.cfg, "attn_only", False):
+        other = other[:1] if full else []
+    batch = auto_batch_size(ctx.model, data, 4)
+    means = corrupt_hook_means(ctx.model, data, z_names + other, batch)
+    total = 0.0
+    for chunk in prompt_chunks(data, batch):
+        groups = chunk.groups.to(means[z_names[0]].device)
+        value = edge_circuit_metric(
+            ctx.model,
+            ctx.task,
+            chunk,
+            circuit.edges,
+            [means[name][groups] for name in z_names],
+            full=full,
+            source_mlp=[means[name][groups] for name in other[1:]],
+            source_embed=means[other[0]][groups] if full else None,
+        )
+        total += value * len(chunk)
+    value = total / len(data)
     what = "node" if full else "head"
     return Faithfulness(
         **metrics.faithfulness(node.m_model, node.m_empty, value).to_dict(),  # type: ignore[arg-type]
@@ -379,10 +372,6 @@ def graph_config(cfg: Any) -> dict[str, Any]:
         "attn_only": bool(getattr(cfg, "attn_only", False)),
         "parallel_attn_mlp": bool(getattr(cfg, "parallel_attn_mlp", False)),
     }
-
-
-def _layer_of(hook_name: str) -> int:
-    return int(hook_name.split(".")[1])
 
 
 def evaluate_circuit(ctx: RunContext, heads: frozenset[Head]) -> Faithfulness:

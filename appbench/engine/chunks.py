@@ -64,3 +64,27 @@ def chunked_ablated_metric(
     for chunk in prompt_chunks(data, batch_size):
         rows.append(engine.ablated_metric(chunk, keep, engine.per_prompt(means, chunk)))
     return torch.cat(rows, dim=1)
+
+
+@torch.no_grad()
+def corrupt_hook_means(
+    model: Any, data: TaskData, names: list[str], batch_size: int
+) -> dict[str, torch.Tensor]:
+    """Per-template, per-position means of the hooks ``names`` on the corrupted prompts,
+    [G, T, ...] each, summed chunk by chunk (index them with a chunk's ``groups``)."""
+    totals: dict[str, torch.Tensor] = {}
+    wanted = set(names)
+    for chunk in prompt_chunks(data, batch_size):
+        _, cache = model.run_with_cache(chunk.corrupt, names_filter=lambda n: n in wanted)
+        for name in names:
+            x = cache[name]
+            if name not in totals:
+                totals[name] = torch.zeros(
+                    (data.n_groups, *x.shape[1:]), dtype=x.dtype, device=x.device
+                )
+            totals[name].index_add_(0, chunk.groups.to(x.device), x)
+    counts = torch.bincount(data.groups, minlength=data.n_groups).clamp(min=1)
+    return {
+        name: total / counts.to(total.device, total.dtype).view(-1, *[1] * (total.dim() - 1))
+        for name, total in totals.items()
+    }
