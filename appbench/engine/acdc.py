@@ -138,6 +138,22 @@ class _Graph:
             for v in logits
         ]
 
+    def values(
+        self, variants: Sequence[frozenset[Candidate]], start: int | None = None
+    ) -> list[float]:
+        """Distance of each variant from the full model: a whole run, or (``start``) a run from
+        that layer on the clean caches (no edge below it is removed yet)."""
+        if start is None:
+            return self.distances(self.run(variants))
+        logits = self.run(
+            variants,
+            start=start,
+            resid=self.resid_clean[start],
+            z_before=self.z_clean[:start],
+            mlp_before=self.mlp_clean[:start],
+        )
+        return self.distances(logits)
+
     def run(
         self,
         variants: Sequence[frozenset[Candidate]],
@@ -247,6 +263,53 @@ class _Graph:
         return at_target.view(k, n, -1)
 
 
+class _ChunkedGraph:
+    """:class:`_Graph` over a split too large for one pass: every evaluation runs each chunk of
+    prompts on a graph built for it (its caches made, used and dropped, so one chunk is held
+    at a time) and combines the chunks exactly, since both distances are means over prompts
+    (the metric one through the split's mean metric)."""
+
+    def __init__(
+        self, model: Any, task: Task, data: TaskData, distance: Distance, batch_size: int
+    ) -> None:
+        from appbench.engine.chunks import prompt_chunks
+
+        self.model, self.task, self.distance = model, task, distance
+        self.chunks = list(prompt_chunks(data, batch_size))
+        self.n = len(data)
+        self.n_layers = int(model.cfg.n_layers)
+        full = corrupt = 0.0
+        for chunk in self.chunks:
+            graph = _Graph(model, task, chunk, distance)
+            full += graph.m_full * len(chunk)
+            corrupt += graph.m_corrupt * len(chunk)
+        self.m_full, self.m_corrupt = full / self.n, corrupt / self.n
+        self.forward_runs = 0
+
+    @property
+    def gap(self) -> float:
+        return metric_gap(self.m_full, self.m_corrupt)
+
+    def values(
+        self, variants: Sequence[frozenset[Candidate]], start: int | None = None
+    ) -> list[float]:
+        """As :meth:`_Graph.values`, chunk by chunk."""
+        totals = [0.0] * len(variants)
+        for chunk in self.chunks:
+            graph = _Graph(self.model, self.task, chunk, self.distance)
+            if self.distance == "kl":
+                per = graph.values(variants, start)
+            else:
+                # Back from the chunk's distance to its mean metric: m = m_full - d * gap.
+                per = [graph.m_full - d * graph.gap for d in graph.values(variants, start)]
+            self.forward_runs += graph.forward_runs
+            totals = [t + v * len(chunk) for t, v in zip(totals, per, strict=True)]
+        means = [t / self.n for t in totals]
+        if self.distance == "kl":
+            return means
+        return [(self.m_full - m) / self.gap for m in means]
+
+
 def _slot(cfg: Any, edge: Edge) -> Slot:
     """The receiver input an edge enters."""
     if edge.receiver is None:
@@ -315,11 +378,16 @@ def _run_acdc(
     log: Callable[[str], None],
     max_rows: int = 1024,
     full: bool = True,
+    batch_size: int | None = None,
 ) -> AcdcResult:
     if tau < 0 or tau != tau:
         raise ValueError(f"tau must be a non-negative number, got {tau}")
     heads = frozenset(space)
-    graph = _Graph(model, task, data, distance)
+    graph: _Graph | _ChunkedGraph
+    if batch_size is not None and batch_size < len(data):
+        graph = _ChunkedGraph(model, task, data, distance, batch_size)
+    else:
+        graph = _Graph(model, task, data, distance)
     cfg = model.cfg
     edges_of_graph = model_graph(cfg, full)
     out_slots: dict[Sender, list[tuple[Slot, Sender | None]]] = {}
@@ -330,10 +398,10 @@ def _run_acdc(
     dead: set[Sender] = set()
     readers_of: dict[Slot, list[Head]] = {}
     trace: list[tuple[str, float, bool]] = []
-    current = graph.distances(graph.run([frozenset()]))[0]
+    current = graph.values([frozenset()])[0]
     tested = 0
     receivers = _receivers(cfg, edges_of_graph, heads)
-    per_run = max(1, max_rows // len(data))
+    per_run = max(1, max_rows // min(len(data), batch_size or len(data)))
     for number, (slot, readers, senders) in enumerate(receivers):
         readers_of[slot] = readers
         if slot is not None:
@@ -359,16 +427,9 @@ def _run_acdc(
                 prefix: list[frozenset[Candidate]] = []
                 for candidate in rest:
                     prefix.append((prefix[-1] if prefix else base) | {candidate})
-                logits = graph.run(
-                    prefix,
-                    start=start,
-                    resid=graph.resid_clean[start],
-                    z_before=graph.z_clean[:start],
-                    mlp_before=graph.mlp_clean[:start],
-                )
-                values = graph.distances(logits)
+                values = graph.values(prefix, start)
             else:
-                values = graph.distances(graph.run([base | {rest[0]}]))
+                values = graph.values([base | {rest[0]}])
             for candidate, value in zip(rest, values, strict=True):
                 tested += 1
                 done += 1
@@ -421,10 +482,12 @@ def acdc(
     log: Callable[[str], None] = lambda line: None,
     max_rows: int = 1024,
     full: bool = True,
+    batch_size: int | None = None,
 ) -> AcdcResult:
     """ACDC on ``model_graph(cfg, full)``, the candidates of a receiver batched (``max_rows``
-    prompt rows per run) and run from the receiver's layer."""
-    return _run_acdc(model, task, data, space, tau, distance, True, log, max_rows, full)
+    prompt rows per run) and run from the receiver's layer; a split larger than
+    ``batch_size`` prompts runs a chunk at a time (same decisions, caches rebuilt per run)."""
+    return _run_acdc(model, task, data, space, tau, distance, True, log, max_rows, full, batch_size)
 
 
 def acdc_reference(
@@ -435,9 +498,21 @@ def acdc_reference(
     tau: float = 0.01,
     distance: Distance = "kl",
     full: bool = True,
+    batch_size: int | None = None,
 ) -> AcdcResult:
     """ACDC done plainly: one full forward pass per tested edge."""
-    return _run_acdc(model, task, data, space, tau, distance, False, lambda line: None, full=full)
+    return _run_acdc(
+        model,
+        task,
+        data,
+        space,
+        tau,
+        distance,
+        False,
+        lambda line: None,
+        full=full,
+        batch_size=batch_size,
+    )
 
 
 def edge_circuit_metric(

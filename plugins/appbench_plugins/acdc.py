@@ -39,6 +39,12 @@ class AcdcParams(Params):
     max_rows: int = Field(
         default=1024, ge=1, description="prompt rows per batched run (bounds memory)"
     )
+    batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="prompts per pass (bounds memory); a larger split runs a chunk at a time, "
+        "its caches rebuilt per run; default: as many as fit 256 MiB of hook_z",
+    )
     graph: Literal["full", "heads"] = Field(
         default="full",
         description="'full' = the EAP-IG/MIB graph (input, heads' q/k/v, MLPs, logits); "
@@ -77,8 +83,9 @@ class Acdc(Discoverer):
     Params = AcdcParams
 
     def discover(self, ctx, space, params):
-        from appbench import acdc
+        from appbench import acdc, auto_batch_size
 
+        batch = params.batch_size or auto_batch_size(ctx.model, ctx.search, 4)
         result = acdc(
             ctx.model,
             ctx.task,
@@ -89,6 +96,7 @@ class Acdc(Discoverer):
             log=ctx.log,
             max_rows=params.max_rows,
             full=params.graph == "full",
+            batch_size=batch,
         )
         details = {
             "edges_tested": result.tested,
@@ -116,7 +124,7 @@ class Acdc(Discoverer):
 def _sweep_entry(tau, result, ctx, space, params):
     """One point of the threshold sweep: ACDC's edges and heads at ``tau``. ``result`` is the
     main run's when ``tau`` is its tau (ACDC is deterministic: a rerun would find the same)."""
-    from appbench import acdc
+    from appbench import acdc, auto_batch_size
 
     if result is None:
         result = acdc(
@@ -129,6 +137,7 @@ def _sweep_entry(tau, result, ctx, space, params):
             log=lambda line: ctx.log(f"tau {tau:g}: {line}"),
             max_rows=params.max_rows,
             full=params.graph == "full",
+            batch_size=params.batch_size or auto_batch_size(ctx.model, ctx.search, 4),
         )
     return {
         "tau": tau,
