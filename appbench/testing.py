@@ -499,6 +499,23 @@ def planted_gqa_model(device: str = "cpu") -> Any:
     return wiring.unembed(_S2)
 
 
+def model_context(
+    name: str, task: str = "ioi", n_search: int = 30, n_eval: int = 10, seed: int = 0
+) -> RunContext:
+    """A RunContext on a registered model (e.g. ``zoo-gt-ioi``) and a built-in task, on the CPU,
+    for tests that call a pruner or discoverer directly."""
+    from appbench.engine.patching import PatchingEngine
+    from appbench.models import load_model
+    from appbench.plugins import get_registries
+
+    model = load_model(name)
+    task_obj = get_registries().tasks.get(task)
+    search, evaluation = task_obj.splits(model.tokenizer, n_search=n_search, n_eval=n_eval)
+    return RunContext(
+        model, name, task_obj, search, evaluation, "cpu", seed, PatchingEngine(model, task_obj)
+    )
+
+
 def planted_context(model: Any, device: str = "cpu", seed: int = 0) -> RunContext:
     """A RunContext on any planted model (they all share the toy vocabulary) and the toy task."""
     from appbench.engine.patching import PatchingEngine

@@ -54,16 +54,11 @@ def test_a_model_that_ignores_the_task_is_reported():
 
 
 def test_chunks_of_prompts_give_the_effects_of_the_whole_split():
-    from appbench import RunContext, SearchSpace, get_registries, load_model
-    from appbench.engine.patching import PatchingEngine
+    from appbench import SearchSpace
+    from appbench.testing import model_context
     from appbench_plugins.actpatch import ActPatch
 
-    model = load_model("zoo-gt-ioi")
-    task = get_registries().tasks.get("ioi")
-    search, evaluation = task.splits(model.tokenizer, n_search=30, n_eval=10)
-    ctx = RunContext(
-        model, "zoo-gt-ioi", task, search, evaluation, "cpu", 0, PatchingEngine(model, task)
-    )
+    ctx = model_context("zoo-gt-ioi", n_search=30)
     space = SearchSpace.dense(4, 8)
     whole = ActPatch().discover(ctx, space, ActPatch.Params())
     chunked = ActPatch().discover(ctx, space, ActPatch.Params(batch_size=7))

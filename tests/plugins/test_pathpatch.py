@@ -370,18 +370,11 @@ def test_progress_is_reported_once_per_stage_through_the_context_log():
 def test_a_split_scored_in_chunks_finds_what_the_whole_split_finds(engine):
     """batch_size below the split: each receiver is scored chunk by chunk (caches rebuilt per
     chunk) and the chunks' scores combine into the whole split's."""
-    from appbench import RunContext, get_registries, load_model
-    from appbench.engine.patching import PatchingEngine
+    from appbench.testing import model_context
 
     # The plain reference engine runs two whole passes per sender: a small space keeps it short.
     ref_space = {Head(0, 3), Head(1, 5), Head(2, 1), Head(3, 6), Head(1, 0), Head(2, 2)}
-
-    model = load_model("zoo-gt-ioi")
-    task = get_registries().tasks.get("ioi")
-    search, evaluation = task.splits(model.tokenizer, n_search=20, n_eval=10)
-    ctx = RunContext(
-        model, "zoo-gt-ioi", task, search, evaluation, "cpu", 0, PatchingEngine(model, task)
-    )
+    ctx = model_context("zoo-gt-ioi", n_search=20)
     space = SearchSpace.dense(4, 8) if engine == "fast" else SearchSpace(4, 8, ref_space)
     whole = PathPatch().discover(ctx, space, PathPatch.Params(engine=engine))
     chunked = PathPatch().discover(ctx, space, PathPatch.Params(engine=engine, batch_size=6))

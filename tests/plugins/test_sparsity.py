@@ -265,17 +265,11 @@ def test_chunks_of_prompts_give_the_scores_and_curve_of_the_whole_split(compat):
     running update continued across chunks with compat) equal the whole split at once."""
     import torch
 
-    from appbench import RunContext, get_registries, load_model
-    from appbench.engine.patching import PatchingEngine
+    from appbench.testing import model_context
     from appbench_plugins.cflap import CflapPruner
     from appbench_plugins.merged import MergedPruner
 
-    model = load_model("zoo-gt-ioi")
-    task = get_registries().tasks.get("ioi")
-    search, evaluation = task.splits(model.tokenizer, n_search=60, n_eval=10)
-    ctx = RunContext(
-        model, "zoo-gt-ioi", task, search, evaluation, "cpu", 0, PatchingEngine(model, task)
-    )
+    ctx = model_context("zoo-gt-ioi", n_search=60)
     for pruner in (CflapPruner, MergedPruner):
         whole = pruner().prune(ctx, pruner.Params(compat=compat))
         chunked = pruner().prune(ctx, pruner.Params(compat=compat, batch_size=7))
