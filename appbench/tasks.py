@@ -362,8 +362,14 @@ class Task:
         if not entry.is_file():
             return None
         try:
-            return ReferenceFile.model_validate_json(entry.read_text())
+            return ReferenceFile.model_validate_json(entry.read_text(encoding="utf-8"))
         except ValidationError as exc:
+            # The first problem itself, not pydantic's "1 validation error for ..." header.
+            problem = exc.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"])
+            said = f"{where}: {problem['msg']}" if where else problem["msg"]
+            raise TaskError(f"{entry}: invalid reference file ({said})") from exc
+        except (OSError, UnicodeDecodeError) as exc:
             first = str(exc).splitlines()[0]
             raise TaskError(f"{entry}: invalid reference file ({first})") from exc
 

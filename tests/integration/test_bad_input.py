@@ -544,3 +544,81 @@ def test_a_rerun_with_other_settings_runs_with_overwrite(files, tmp_path):
     # The same settings again: a rerun, no --overwrite needed.
     again = invoke(*args, "--out", str(tmp_path), *SMALL)
     assert again.exit_code == 0, again.output
+
+
+GOOD_REFERENCE = {
+    "task": "ioi",
+    "model": "zoo-gt-ioi",
+    "default": "hand",
+    "circuits": {
+        "hand": {
+            "heads": ["a0.h3"],
+            "n_layers": 4,
+            "n_heads": 8,
+            "source": "hand-set",
+            "method": "by hand",
+            "version": "1",
+        }
+    },
+}
+
+
+def _broken(change):
+    document = json.loads(json.dumps(GOOD_REFERENCE))
+    change(document)
+    return json.dumps(document)
+
+
+@pytest.mark.parametrize(
+    ("content", "text"),
+    [
+        ("{not json", "invalid reference file"),
+        (b"\xff\xfe not utf-8", "invalid reference file"),
+        (_broken(lambda d: d["circuits"]["hand"].update(heads=["a99.h99"])), "outside"),
+        (_broken(lambda d: d["circuits"]["hand"].update(heads=["head three"])), "bad head id"),
+        (_broken(lambda d: d["circuits"]["hand"].update(edges=["a0.h3->a2.h1<v>"])), "joins"),
+        (_broken(lambda d: d.update(default="missing")), "invalid reference file"),
+    ],
+    ids=["not-json", "not-utf8", "head-outside", "bad-head-id", "edge-outside", "no-default"],
+)
+def test_a_broken_shipped_reference_file_is_one_line_before_any_work(
+    tmp_path, monkeypatch, content, text
+):
+    """A task's shipped reference for the model is read before the model loads: a broken one
+    is one line and exit 2, and no result is written."""
+    import sys
+
+    from appbench import get_registries
+
+    package = tmp_path / "brokenref"
+    (package / "reference").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    target = package / "reference" / "zoo-gt-ioi.json"
+    target.write_bytes(content if isinstance(content, bytes) else content.encode())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("brokenref", None)
+    task = get_registries().tasks.get("ioi")
+    monkeypatch.setattr(type(task), "package", "brokenref")
+    outcome = invoke(*RUN, "--out", str(tmp_path / "out"))
+    lines = outcome.output.strip().splitlines()
+    assert outcome.exit_code == 2 and len(lines) == 1, outcome.output
+    assert text in lines[0] and "Traceback" not in outcome.output
+    assert not list((tmp_path / "out").rglob("*.json"))
+
+
+@pytest.mark.parametrize(
+    ("env", "text"),
+    [
+        (
+            {"APPBENCH_DISABLE_PLUGIN_AUTOLOAD": "1", "APPBENCH_LOAD_PLUGINS": "appbench-nope"},
+            "names appbench-nope",
+        ),
+        ({"APPBENCH_DISABLE_PLUGIN_AUTOLOAD": "1", "APPBENCH_LOAD_PLUGINS": "a,,b"}, "names a, b"),
+    ],
+    ids=["unknown-distribution", "two-unknown"],
+)
+def test_plugin_switches_naming_nothing_installed_are_one_line(fresh_plugins, env, text):
+    outcome = invoke("list", env=env)
+    lines = outcome.output.strip().splitlines()
+    assert outcome.exit_code == 2 and len(lines) == 1, outcome.output
+    assert text in lines[0]
