@@ -70,6 +70,12 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
+#: What click raises for a group called without a command (click 8.2 and later).
+NO_ARGS_IS_HELP: tuple[type[click.UsageError], ...] = tuple(
+    cls for cls in [getattr(click.exceptions, "NoArgsIsHelpError", None)] if cls is not None
+)
+
+
 class AppbenchGroup(click.Group):
     """Every failure one clean line: usage errors and bad input exit 2, runtime failures 1,
     an interrupt 130; ``--debug`` (anywhere on the command line) shows the traceback."""
@@ -90,6 +96,10 @@ class AppbenchGroup(click.Group):
             words = ["--debug"] + [w for w in words if w != "--debug"]
         try:
             code = super().main(words, prog_name, complete_var, False, **extra)
+        except NO_ARGS_IS_HELP as exc:
+            # `appbench` or `appbench reference` alone: the help, as click shows it.
+            click.echo(exc.format_message())
+            sys.exit(0)
         except click.exceptions.UsageError as exc:
             fail(exc.format_message().splitlines()[0], 2)
         except click.exceptions.Abort:

@@ -622,3 +622,11 @@ def test_plugin_switches_naming_nothing_installed_are_one_line(fresh_plugins, en
     lines = outcome.output.strip().splitlines()
     assert outcome.exit_code == 2 and len(lines) == 1, outcome.output
     assert text in lines[0]
+
+
+@pytest.mark.parametrize("args", [[], ["reference"], ["circuit"]])
+def test_a_group_without_a_command_shows_its_help(args):
+    outcome = invoke(*args)
+    assert outcome.exit_code == 0, outcome.output
+    assert outcome.output.startswith("Usage: ") and "Error" not in outcome.output
+    assert len(outcome.output.splitlines()) > 5
