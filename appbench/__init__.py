@@ -64,7 +64,7 @@ from appbench.tasks import (
     tokenize_pairs,
 )
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 #: Names served lazily: their modules import torch, which `appbench --help` must not pay for.
 _LAZY = {

@@ -207,7 +207,7 @@ def test_reference_build_runs_the_dense_discoverer_and_records_provenance(tmp_pa
     circuit = data["circuits"]["appbench-pathpatch"]
     assert data["default"] == "appbench-pathpatch" and circuit["version"] == "1.0"
     assert circuit["parameters"]["n_search"] == 30 and circuit["heads"]
-    assert "(appbench 0.3.0, commit " in circuit["source"]  # the command line is sys.argv
+    assert "(appbench 0.4.0, commit " in circuit["source"]  # the command line is sys.argv
     assert "faithfulness on the evaluation split" in circuit["notes"]
 
 
