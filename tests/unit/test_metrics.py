@@ -125,3 +125,11 @@ def test_roc_point_refuses_meaningless_input(found, reference, match):
 
     with pytest.raises(ValueError, match=match):
         roc_point(found, reference, ["a", "b"])
+
+
+def test_f1_from_counts_never_exceeds_equal_precision_and_recall():
+    # 4 shared of 5 and 5: from the rounded ratios 2pr/(p+r) gave 0.8000000000000002.
+    c = {Head(0, h) for h in range(5)}
+    r = {Head(0, h) for h in range(1, 6)}
+    o = overlap(c, r)
+    assert (o.precision, o.recall, o.f1) == (0.8, 0.8, 0.8)
