@@ -37,21 +37,12 @@ def prompt_chunks(data: TaskData, batch_size: int) -> Iterator[TaskData]:
         yield data.select(range(first, min(n, first + batch_size)))
 
 
-@torch.no_grad()
 def corrupt_group_means(engine: Any, data: TaskData, batch_size: int) -> torch.Tensor:
     """Per-template, per-position means of ``hook_z`` on the corrupted prompts,
-    [L, G, T, H, d], summed chunk by chunk."""
-    totals = None
-    for chunk in prompt_chunks(data, batch_size):
-        z = engine.cache_z(chunk.corrupt)
-        if totals is None:
-            totals = torch.zeros(
-                (z.shape[0], data.n_groups, *z.shape[2:]), dtype=z.dtype, device=z.device
-            )
-        totals.index_add_(1, chunk.groups.to(z.device), z)
-    assert totals is not None
-    counts = torch.bincount(data.groups, minlength=data.n_groups).clamp(min=1)
-    return totals / counts.to(totals.device, totals.dtype).view(1, -1, 1, 1, 1)
+    [L, G, T, H, d], summed chunk by chunk (:func:`corrupt_hook_means` of every layer)."""
+    names = [f"blocks.{layer}.attn.hook_z" for layer in range(engine.n_layers)]
+    means = corrupt_hook_means(engine.model, data, names, batch_size)
+    return torch.stack([means[name] for name in names])
 
 
 @torch.no_grad()
