@@ -1,5 +1,6 @@
 """Test helpers, loaded as a pytest plugin (entry point ``pytest11``): tiny models, a toy task
-with a planted circuit, and contract checks for third-party pruners and discoverers.
+with a planted circuit, and the plugin contracts (the checks `appbench check-plugin` runs and
+the pytest classes a plugin's tests subclass).
 
 The planted model is a 2-layer, 2-head attention-only transformer whose weights are set by
 hand so that exactly one path carries the task:
@@ -28,7 +29,36 @@ import pytest
 from appbench.circuit import QKV as QKV_INPUTS
 from appbench.circuit import Circuit, Head, SearchSpace
 from appbench.interfaces import Discoverer, Pruner, RunContext
-from appbench.tasks import PromptPair, Task, TaskSpec
+from appbench.tasks import PromptPair, Task, TaskError, TaskSpec
+
+#: What plugin authors may use (documented in the README, "Testing a plugin"); the other names
+#: here serve appbench's own tests.
+__all__ = [
+    "DISCOVERER_CHECKS",
+    "MODEL_CHECKS",
+    "PLANTED_CIRCUIT",
+    "PLANTED_EDGES",
+    "PRUNER_CHECKS",
+    "TASK_CHECKS",
+    "CheckOutcome",
+    "ContractCheck",
+    "ContractSkip",
+    "DiscovererContract",
+    "ModelContract",
+    "PlantedCircuit",
+    "PrunerContract",
+    "TaskContract",
+    "ToyTask",
+    "check_discoverer",
+    "check_pruner",
+    "contract_checks",
+    "model_context",
+    "planted_context",
+    "planted_model",
+    "run_check",
+    "tiny_model",
+    "toy_context",
+]
 
 #: Vocabulary of the planted model, in id order after the special tokens <pad>, <unk>, <eos>.
 TOY_WORDS = ("A", "B", "x", "y", "z", "yes", "no")
@@ -124,9 +154,10 @@ def planted_model(device: str = "cpu") -> Any:
 class ToyTask(Task):
     """Signal token then three fillers; answer "yes" if the signal is A. Corrupt: signal B."""
 
-    def __init__(self) -> None:
+    def __init__(self, spec: TaskSpec | None = None) -> None:
         super().__init__(
-            TaskSpec(
+            spec
+            or TaskSpec(
                 name="toy",
                 version="1.0",
                 summary="Planted-circuit toy task for tests: 'A x y z' -> yes, corrupted 'B x y z'",
@@ -500,16 +531,16 @@ def planted_gqa_model(device: str = "cpu") -> Any:
 
 
 def model_context(
-    name: str, task: str = "ioi", n_search: int = 30, n_eval: int = 10, seed: int = 0
+    name: str, task: str | Task = "ioi", n_search: int = 30, n_eval: int = 10, seed: int = 0
 ) -> RunContext:
-    """A RunContext on a registered model (e.g. ``zoo-gt-ioi``) and a built-in task, on the CPU,
-    for tests that call a pruner or discoverer directly."""
+    """A RunContext on a registered model (e.g. ``zoo-gt-ioi``) and a task (a registered task's
+    name, or a Task instance), on the CPU, for tests that call a pruner or discoverer directly."""
     from appbench.engine.patching import PatchingEngine
     from appbench.models import load_model
     from appbench.plugins import get_registries
 
     model = load_model(name)
-    task_obj = get_registries().tasks.get(task)
+    task_obj = task if isinstance(task, Task) else get_registries().tasks.get(task)
     search, evaluation = task_obj.splits(model.tokenizer, n_search=n_search, n_eval=n_eval)
     return RunContext(
         model, name, task_obj, search, evaluation, "cpu", seed, PatchingEngine(model, task_obj)
@@ -734,3 +765,693 @@ def run_under_memory_cap(script: str, *args: str, timeout: float = 600) -> str:
     if done.returncode:
         raise AssertionError(f"memory probe failed: {done.stderr[-2000:]}")
     return done.stdout.strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Plugin contracts: the checks `appbench check-plugin` runs, and the pytest classes a plugin's
+# own tests subclass to run the same checks
+# --------------------------------------------------------------------------------------------
+
+
+class ContractSkip(Exception):
+    """A check that cannot run here (a model that cannot be had offline, say): not a failure."""
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """One contract check's verdict: ``status`` is pass, fail or skip; ``detail`` says why."""
+
+    kind: str
+    plugin: str
+    check: str
+    status: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class ContractCheck:
+    """A named check; ``run(subject)`` returns a detail line, raises AssertionError to fail,
+    ContractSkip to skip."""
+
+    name: str
+    summary: str
+    run: Any
+
+
+@dataclass(frozen=True)
+class PluginSubject:
+    """A pruner or discoverer class under test, with the parameters to run it with."""
+
+    cls: Any
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TaskSubject:
+    """A task under test and the registered model its prompts are checked against."""
+
+    task: Task
+    model: str
+
+
+@dataclass(frozen=True)
+class ModelSubject:
+    """A registered model under test: its name and loader."""
+
+    name: str
+    loader: Any
+
+
+def _attached_hooks(model: Any) -> list[str]:
+    """Forward and backward hooks still attached to any module of ``model`` (TransformerLens
+    hook points and plain torch modules alike)."""
+    found = []
+    for name, module in model.named_modules():
+        for attr in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        ):
+            if getattr(module, attr, None):
+                found.append(f"{name or 'model'}.{attr}")
+        for attr in ("fwd_hooks", "bwd_hooks"):
+            if getattr(module, attr, None):
+                found.append(f"{name}.{attr}")
+    return found
+
+
+def _snapshot(model: Any) -> tuple[dict[str, Any], dict[str, bool], bool]:
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        {k: p.requires_grad for k, p in model.named_parameters()},
+        bool(model.training),
+    )
+
+
+def _assert_model_untouched(
+    model: Any, before: tuple[dict[str, Any], dict[str, bool], bool]
+) -> None:
+    import torch
+
+    weights, grads, training = before
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, weights[k])]
+    assert not changed, f"the plugin changed the model's weights: {', '.join(changed[:3])}"
+    flipped = [k for k, p in model.named_parameters() if p.requires_grad != grads[k]]
+    assert not flipped, f"the plugin changed requires_grad of {', '.join(flipped[:3])}"
+    assert bool(model.training) == training, "the plugin changed the model's train/eval mode"
+    hooks = _attached_hooks(model)
+    assert not hooks, f"the plugin left hooks attached: {', '.join(hooks[:3])}"
+
+
+def _contexts() -> list[RunContext]:
+    """The two planted worlds every pruner and discoverer is checked on: the 2x2 model and the
+    3-layer, 8-head chain (both with the toy task)."""
+    return [toy_context(), planted_context(planted_chain_model())]
+
+
+def tiny_model(n_layers: int = 1, n_heads: int = 1, seed: int = 0) -> Any:
+    """A randomly initialised model with the toy vocabulary and a single head by default: the
+    smallest world a pruner or discoverer must handle."""
+    import torch
+
+    from appbench.models import build_model
+
+    tokenizer = toy_tokenizer()
+    torch.manual_seed(seed)
+    config = {
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "d_model": 8,
+        "d_head": 4,
+        "d_mlp": 16,
+        "n_ctx": 8,
+        "d_vocab": len(tokenizer.get_vocab()),
+        "act_fn": "relu",
+        "normalization_type": "LN",
+        "model_name": f"tiny-{n_layers}x{n_heads}",
+    }
+    model = build_model(config, tokenizer)
+    model.eval()
+    return model
+
+
+def _params(subject: PluginSubject) -> Any:
+    return subject.cls.Params(**subject.params)
+
+
+def _prune(subject: PluginSubject, ctx: RunContext) -> SearchSpace:
+    import torch
+
+    torch.manual_seed(ctx.seed)
+    return subject.cls().prune(ctx, _params(subject))  # type: ignore[no-any-return]
+
+
+def _discover(subject: PluginSubject, ctx: RunContext, space: SearchSpace) -> Circuit:
+    import torch
+
+    torch.manual_seed(ctx.seed)
+    return subject.cls().discover(ctx, space, _params(subject))  # type: ignore[no-any-return]
+
+
+def _check_class(subject: PluginSubject) -> str:
+    from appbench.registry import PluginError, check_plugin_class
+
+    base = Pruner if issubclass(subject.cls, Pruner) else Discoverer
+    try:
+        check_plugin_class(subject.cls, base, subject.cls.__module__)
+    except PluginError as exc:
+        raise AssertionError(str(exc)) from None
+    return f"name {subject.cls.name!r}, summary and described Params"
+
+
+def _check_params(subject: PluginSubject) -> str:
+    import math
+
+    from pydantic import ValidationError
+
+    params_cls = subject.cls.Params
+    try:
+        params_cls(**subject.params)
+    except ValidationError as exc:
+        raise AssertionError(f"the parameters {subject.params} do not validate: {exc}") from None
+    try:
+        params_cls(**subject.params, no_such_parameter=1)
+    except ValidationError:
+        pass
+    else:
+        raise AssertionError(
+            "Params accepts an unknown key (set extra='forbid' or subclass Params)"
+        )
+    floats = [
+        name
+        for name, info in params_cls.model_fields.items()
+        if info.annotation is float or info.annotation == (float | None)
+    ]
+    for name in floats:
+        try:
+            params_cls(**{**subject.params, name: math.inf})
+        except ValidationError:
+            continue
+        raise AssertionError(f"Params accepts {name}=inf (keep allow_inf_nan=False)")
+    return f"defaults validate; unknown keys and inf refused ({len(floats)} float fields)"
+
+
+def _check_prune_shape(subject: PluginSubject) -> str:
+    sizes = []
+    for ctx in _contexts():
+        space = _prune(subject, ctx)
+        assert isinstance(space, SearchSpace), f"prune returned {type(space).__name__}"
+        assert (space.n_layers, space.n_heads) == (ctx.n_layers, ctx.n_heads), (
+            f"prune returned a {space.n_layers}x{space.n_heads} space for a "
+            f"{ctx.n_layers}x{ctx.n_heads} model"
+        )
+        assert space.heads, "prune returned an empty search space (raise RunError instead)"
+        sizes.append(f"{len(space)}/{space.total_heads}")
+    return "a non-empty SearchSpace of the model's shape: " + ", ".join(sizes)
+
+
+def _check_prune_deterministic(subject: PluginSubject) -> str:
+    first, second = _prune(subject, toy_context()), _prune(subject, toy_context())
+    assert first.heads == second.heads, (
+        f"two runs with seed 0 kept different heads: {sorted(h.id for h in first.heads)} "
+        f"vs {sorted(h.id for h in second.heads)}"
+    )
+    assert dict(first.scores) == dict(second.scores), "two runs with seed 0 gave other scores"
+    return f"the same {len(first)} heads and scores twice"
+
+
+def _check_prune_untouched(subject: PluginSubject) -> str:
+    ctx = toy_context()
+    before = _snapshot(ctx.model)
+    _prune(subject, ctx)
+    _assert_model_untouched(ctx.model, before)
+    return "weights, requires_grad, eval mode unchanged; no hooks left"
+
+
+def _check_prune_tiny(subject: PluginSubject) -> str:
+    from appbench.errors import RunError
+
+    ctx = planted_context(tiny_model())
+    try:
+        space = _prune(subject, ctx)
+    except RunError as exc:
+        return f"refused the 1-head model with a RunError: {exc}"
+    assert isinstance(space, SearchSpace) and (space.n_layers, space.n_heads) == (1, 1)
+    assert space.heads, "prune returned an empty search space for a 1-head model"
+    return f"kept {len(space)} of 1 head"
+
+
+def _check_discover_inside(subject: PluginSubject) -> str:
+    sizes = []
+    for ctx in _contexts():
+        dense = SearchSpace.dense(ctx.n_layers, ctx.n_heads)
+        # Every other head: a pruned space that still leaves each layer some heads.
+        half = SearchSpace(
+            ctx.n_layers,
+            ctx.n_heads,
+            frozenset(h for h in dense.heads if (h.layer + h.head) % 2 == 0),
+        )
+        for space in (dense, half):
+            circuit = _discover(subject, ctx, space)
+            assert isinstance(circuit, Circuit), f"discover returned {type(circuit).__name__}"
+            assert (circuit.n_layers, circuit.n_heads) == (ctx.n_layers, ctx.n_heads)
+            outside = sorted(h.id for h in circuit.heads - space.heads)
+            assert not outside, f"the circuit leaves the search space: {', '.join(outside)}"
+            sizes.append(f"{len(circuit)}/{len(space)}")
+    return "circuits inside dense and halved spaces: " + ", ".join(sizes)
+
+
+def _check_discover_deterministic(subject: PluginSubject) -> str:
+    ctx_a, ctx_b = toy_context(), toy_context()
+    space = SearchSpace.dense(ctx_a.n_layers, ctx_a.n_heads)
+    first, second = _discover(subject, ctx_a, space), _discover(subject, ctx_b, space)
+    assert first.heads == second.heads, "two runs with seed 0 found different heads"
+    assert first.edges == second.edges, "two runs with seed 0 found different edges"
+    return f"the same {len(first)} heads and {len(first.edges)} edges twice"
+
+
+def _check_discover_untouched(subject: PluginSubject) -> str:
+    ctx = toy_context()
+    before = _snapshot(ctx.model)
+    _discover(subject, ctx, SearchSpace.dense(ctx.n_layers, ctx.n_heads))
+    _assert_model_untouched(ctx.model, before)
+    return "weights, requires_grad, eval mode unchanged; no hooks left"
+
+
+def _check_discover_small_spaces(subject: PluginSubject) -> str:
+    from appbench.errors import RunError
+
+    said = []
+    ctx = toy_context()
+    for label, heads in (("one-head", frozenset({Head(1, 1)})), ("empty", frozenset())):
+        space = SearchSpace(ctx.n_layers, ctx.n_heads, heads)
+        try:
+            circuit = _discover(subject, ctx, space)
+        except RunError as exc:
+            said.append(f"{label} space refused ({exc})")
+            continue
+        assert circuit.heads <= space.heads, f"the {label} space's circuit leaves it"
+        said.append(f"{label} space -> {len(circuit)} head(s)")
+    ctx = planted_context(tiny_model())
+    try:
+        circuit = _discover(subject, ctx, SearchSpace.dense(1, 1))
+        said.append(f"1-head model -> {len(circuit)} head(s)")
+    except RunError as exc:
+        said.append(f"1-head model refused ({exc})")
+    return "; ".join(said)
+
+
+PRUNER_CHECKS = (
+    ContractCheck("class", "name, summary and described Params", _check_class),
+    ContractCheck("params", "defaults validate; unknown keys and inf are refused", _check_params),
+    ContractCheck(
+        "search-space", "a non-empty SearchSpace of the model's shape", _check_prune_shape
+    ),
+    ContractCheck("deterministic", "the same space twice for one seed", _check_prune_deterministic),
+    ContractCheck("model-untouched", "weights unchanged, no hooks left", _check_prune_untouched),
+    ContractCheck(
+        "tiny-model", "a 1-head model is pruned or refused with RunError", _check_prune_tiny
+    ),
+)
+DISCOVERER_CHECKS = (
+    ContractCheck("class", "name, summary and described Params", _check_class),
+    ContractCheck("params", "defaults validate; unknown keys and inf are refused", _check_params),
+    ContractCheck(
+        "inside-space", "the circuit lies inside the search space", _check_discover_inside
+    ),
+    ContractCheck(
+        "deterministic", "the same circuit twice for one seed", _check_discover_deterministic
+    ),
+    ContractCheck("model-untouched", "weights unchanged, no hooks left", _check_discover_untouched),
+    ContractCheck(
+        "small-spaces",
+        "one-head and empty spaces, a 1-head model: a circuit inside, or a RunError",
+        _check_discover_small_spaces,
+    ),
+)
+
+
+def _task_model(subject: TaskSubject) -> Any:
+    from appbench.models import ModelLoadError, load_model
+
+    try:
+        return load_model(subject.model)
+    except ModelLoadError as exc:
+        raise ContractSkip(f"model {subject.model} cannot be loaded here: {exc}") from None
+
+
+def _check_task_spec(subject: TaskSubject) -> str:
+    from appbench.registry import NAME_PATTERN
+
+    task = subject.task
+    assert isinstance(task, Task), f"{task!r} is not an appbench.Task"
+    assert NAME_PATTERN.match(task.name), (
+        f"task name {task.name!r} must match {NAME_PATTERN.pattern}"
+    )
+    assert task.spec.n_search > 0 and task.spec.n_eval > 0, "split sizes must be positive"
+    return f"{task.name} {task.spec.version}: {task.spec.n_search} search, {task.spec.n_eval} evaluation prompts"
+
+
+def _check_task_deterministic(subject: TaskSubject) -> str:
+    tokenizer = _task_model(subject).tokenizer
+    n, seed = 8, subject.task.spec.seed
+    first = subject.task.generate(tokenizer, n, seed)
+    second = subject.task.generate(tokenizer, n, seed)
+    assert first == second, "generate(tokenizer, n, seed) returned other prompts the second time"
+    assert len(first) == n, f"generate was asked for {n} prompts and returned {len(first)}"
+    return f"the same {n} prompt pairs twice for seed {seed}"
+
+
+def _check_task_aligned(subject: TaskSubject) -> str:
+    model = _task_model(subject)
+    try:
+        search, evaluation = subject.task.splits(model.tokenizer)
+    except TaskError as exc:
+        raise AssertionError(f"under {subject.model}'s tokenizer: {exc}") from None
+    for split in (search, evaluation):
+        assert split.clean.shape == split.corrupt.shape, "clean and corrupted shapes differ"
+        assert bool((split.target_pos < split.lengths).all()), (
+            "a target position lies past its prompt"
+        )
+        assert bool((split.answers[:, 0] >= 0).all()), "a prompt has no answer"
+        assert int(split.clean.max()) < model.cfg.d_vocab, (
+            "a token id lies outside the model's vocabulary"
+        )
+    shared = set(search.prompts) & set(evaluation.prompts)
+    assert not shared, f"prompts in both splits: {sorted(shared)[:2]}"
+    return (
+        f"{len(search)} + {len(evaluation)} prompts aligned token for token under "
+        f"{subject.model}'s tokenizer, splits disjoint"
+    )
+
+
+def _check_task_metric(subject: TaskSubject) -> str:
+    import torch
+
+    model = _task_model(subject)
+    search, _ = subject.task.splits(model.tokenizer)
+    rows = torch.arange(len(search))
+    with torch.no_grad():
+        clean = model(search.clean)[rows, search.target_pos]
+        corrupt = model(search.corrupt)[rows, search.target_pos]
+    m_clean, m_corrupt = subject.task.metric(clean, search), subject.task.metric(corrupt, search)
+    assert m_clean.shape == (len(search),), f"metric returned shape {tuple(m_clean.shape)}, not [N]"
+    assert bool(torch.isfinite(m_clean).all() and torch.isfinite(m_corrupt).all()), (
+        "non-finite metric"
+    )
+    columns = subject.task.metric_columns(search)
+    if columns is not None:
+        from dataclasses import replace
+
+        def renumbered(ids: Any) -> Any:  # as the patching engine does
+            return torch.where(ids >= 0, torch.searchsorted(columns, ids.clamp(min=0)), ids)
+
+        narrowed = replace(
+            search, answers=renumbered(search.answers), wrong=renumbered(search.wrong)
+        )
+        on_columns = subject.task.metric(clean[:, columns], narrowed)
+        assert torch.allclose(on_columns, m_clean, atol=1e-5), (
+            "metric_columns names columns the metric does not reduce to (override it, or return None)"
+        )
+    gap = float(m_clean.mean() - m_corrupt.mean())
+    assert gap > 0, (
+        f"on {subject.model} the clean metric ({m_clean.mean():.3f}) does not exceed the corrupted "
+        f"one ({m_corrupt.mean():.3f}): faithfulness would be meaningless"
+    )
+    return f"metric [N], finite; clean {m_clean.mean():.3f} > corrupted {m_corrupt.mean():.3f}"
+
+
+def _check_task_references(subject: TaskSubject) -> str:
+    """Every shipped reference file parses and names this task and its model; the checked
+    model's own file must fit the loaded model's shape (other files are held to the shape they
+    declare: loading every model a task has references for would be slow)."""
+    from importlib import resources
+
+    task = subject.task
+    if not task.package:
+        return "no package, so no shipped reference circuits"
+    folder = resources.files(task.package).joinpath("reference")
+    if not folder.is_dir():
+        return "no reference/ folder"
+    said = []
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".json"):
+            continue
+        model_name = entry.name.removesuffix(".json").replace("__", "/")
+        try:
+            shipped = task.reference_file(model_name)
+        except TaskError as exc:
+            raise AssertionError(str(exc)) from None
+        assert shipped is not None
+        assert shipped.task == task.name, f"{entry.name} names task {shipped.task!r}"
+        assert shipped.model == model_name, f"{entry.name} names model {shipped.model!r}"
+        if model_name != subject.model:
+            continue
+        cfg = _task_model(subject).cfg
+        for key, circuit in shipped.circuits.items():
+            assert (circuit.n_layers, circuit.n_heads) == (cfg.n_layers, cfg.n_heads), (
+                f"{entry.name} circuit {key!r} declares {circuit.n_layers}x{circuit.n_heads}, "
+                f"the model is {cfg.n_layers}x{cfg.n_heads}"
+            )
+        said.append(f"{model_name}'s {len(shipped.circuits)} circuit(s) fit the loaded model")
+    files = sum(1 for e in folder.iterdir() if e.name.endswith(".json"))
+    return "; ".join([f"{files} reference file(s) parse", *said]) if files else "no reference files"
+
+
+TASK_CHECKS = (
+    ContractCheck("spec", "a valid name and positive split sizes", _check_task_spec),
+    ContractCheck("deterministic", "the same prompts for one seed", _check_task_deterministic),
+    ContractCheck(
+        "aligned",
+        "prompts aligned token for token, answers single tokens, splits disjoint",
+        _check_task_aligned,
+    ),
+    ContractCheck(
+        "metric",
+        "a finite [N] metric, consistent metric_columns, clean above corrupted",
+        _check_task_metric,
+    ),
+    ContractCheck(
+        "references", "reference files parse and their heads fit the model", _check_task_references
+    ),
+)
+
+
+def _load(subject: ModelSubject) -> tuple[Any, str]:
+    import contextlib
+    import io
+
+    from appbench.models import ModelLoadError
+
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            model = subject.loader("cpu")
+    except ModelLoadError as exc:
+        raise ContractSkip(f"cannot be loaded here: {exc}") from None
+    return model, printed.getvalue()
+
+
+def _check_model_loads(subject: ModelSubject) -> str:
+    from transformer_lens import HookedTransformer
+
+    model, printed = _load(subject)
+    assert isinstance(model, HookedTransformer), f"the loader returned {type(model).__name__}"
+    assert getattr(model, "tokenizer", None) is not None, "the model has no tokenizer"
+    assert not printed, f"the loader printed on stdout (breaks --json): {printed.strip()[:80]!r}"
+    assert not model.training, "the model is in training mode (call model.eval())"
+    devices = {p.device.type for p in model.parameters()}
+    assert devices == {"cpu"}, f"loader('cpu') left parameters on {sorted(devices)}"
+    hooks = _attached_hooks(model)
+    assert not hooks, f"the model arrives with hooks attached: {', '.join(hooks[:3])}"
+    cfg = model.cfg
+    return f"{cfg.n_layers} layers x {cfg.n_heads} heads, d_model {cfg.d_model}, quiet, eval mode, on cpu"
+
+
+def _check_model_tokenizer(subject: ModelSubject) -> str:
+    model, _ = _load(subject)
+    tokenizer = model.tokenizer
+    largest = max(tokenizer.get_vocab().values())
+    assert largest < model.cfg.d_vocab, (
+        f"the tokenizer emits id {largest}, the model's vocabulary has {model.cfg.d_vocab}"
+    )
+    return f"token ids below d_vocab {model.cfg.d_vocab}"
+
+
+def _check_model_deterministic(subject: ModelSubject) -> str:
+    import torch
+
+    first, _ = _load(subject)
+    second, _ = _load(subject)
+    tokens = torch.arange(min(8, first.cfg.d_vocab), dtype=torch.long)[None]
+    with torch.no_grad():
+        a, b = first(tokens), second(tokens)
+    assert torch.equal(a, b), (
+        f"two loads give other logits (max difference {(a - b).abs().max():.2e})"
+    )
+    return "two loads give identical logits"
+
+
+def _check_model_causal(subject: ModelSubject) -> str:
+    """Changing the last token must leave every earlier position's logits alone: attention
+    masks are buffers, and a loader that overwrites the whole state dict can zero them."""
+    import torch
+
+    model, _ = _load(subject)
+    length = max(2, min(6, int(model.cfg.n_ctx)))
+    tokens = ((torch.arange(length, dtype=torch.long) * 7 + 3) % int(model.cfg.d_vocab))[None]
+    noise = torch.randn(int(model.cfg.d_model), generator=torch.Generator().manual_seed(0))
+
+    def perturb_last(embed: Any, hook: Any) -> Any:
+        embed = embed.clone()
+        embed[:, -1] += noise.to(embed.device, embed.dtype)
+        return embed
+
+    with torch.no_grad():
+        a = model(tokens)
+        b = model.run_with_hooks(tokens, fwd_hooks=[("hook_embed", perturb_last)])
+    moved = (a[0, :-1] - b[0, :-1]).abs().max().item()
+    assert moved <= 1e-5 * max(1.0, a.abs().max().item()), (
+        f"noise in the last position's embedding moved earlier positions' logits by {moved:.2e}: "
+        "attention is not causal (were the state dict's mask buffers overwritten?)"
+    )
+    assert (a[0, -1] - b[0, -1]).abs().max().item() > 0, "the last position ignores its own input"
+    return f"earlier positions unmoved by noise at the last ({length} positions)"
+
+
+MODEL_CHECKS = (
+    ContractCheck(
+        "loads",
+        "a quiet HookedTransformer with a tokenizer, eval mode, no hooks",
+        _check_model_loads,
+    ),
+    ContractCheck("tokenizer", "token ids inside the model's vocabulary", _check_model_tokenizer),
+    ContractCheck("deterministic", "two loads give the same logits", _check_model_deterministic),
+    ContractCheck("causal", "no position sees a later one", _check_model_causal),
+)
+
+
+def run_check(check: ContractCheck, kind: str, plugin: str, subject: Any) -> CheckOutcome:
+    """Run one check; any exception other than a skip is a failure, reported in one line."""
+    try:
+        detail = check.run(subject)
+    except ContractSkip as exc:
+        return CheckOutcome(kind, plugin, check.name, "skip", str(exc))
+    except AssertionError as exc:
+        return CheckOutcome(kind, plugin, check.name, "fail", str(exc) or "assertion failed")
+    except Exception as exc:
+        first = (str(exc).splitlines() or [""])[0]
+        return CheckOutcome(kind, plugin, check.name, "fail", f"{type(exc).__name__}: {first}")
+    return CheckOutcome(kind, plugin, check.name, "pass", detail)
+
+
+def contract_checks(name: str, model: str | None = None) -> list[tuple[str, ContractCheck, Any]]:
+    """The checks for every registered plugin called ``name`` (a name may be both a pruner and
+    a discoverer), as (kind, check, subject). Raises UnknownNameError for a name no registry
+    has. ``model`` is the model a task is checked on (default: the task's default model)."""
+    from appbench.plugins import get_registries
+    from appbench.registry import UnknownNameError
+    from appbench.runner import default_model
+
+    regs = get_registries()
+    found: list[tuple[str, ContractCheck, Any]] = []
+    if name in regs.pruners.names():
+        subject = PluginSubject(regs.pruners.get(name), {})
+        found += [("pruner", c, subject) for c in PRUNER_CHECKS]
+    if name in regs.discoverers.names():
+        subject = PluginSubject(regs.discoverers.get(name), {})
+        found += [("discoverer", c, subject) for c in DISCOVERER_CHECKS]
+    if name in regs.tasks.names():
+        task_subject = TaskSubject(regs.tasks.get(name), model or default_model(name))
+        found += [("task", c, task_subject) for c in TASK_CHECKS]
+    if name in regs.models.names():
+        model_subject = ModelSubject(name, regs.models.get(name).loader)
+        found += [("model", c, model_subject) for c in MODEL_CHECKS]
+    if not found:
+        every = sorted(
+            {
+                *regs.pruners.names(),
+                *regs.discoverers.names(),
+                *regs.tasks.names(),
+                *regs.models.names(),
+            }
+        )
+        raise UnknownNameError("plugin", name, every)
+    return found
+
+
+def _outcome_or_fail(check: ContractCheck, kind: str, plugin: str, subject: Any) -> None:
+    outcome = run_check(check, kind, plugin, subject)
+    if outcome.status == "skip":
+        pytest.skip(outcome.detail)
+    if outcome.status == "fail":
+        pytest.fail(f"{kind} {plugin} {check.name}: {outcome.detail}", pytrace=False)
+
+
+class PrunerContract:
+    """Subclass in a plugin's tests to run every pruner contract check as its own test::
+
+    class TestMyPruner(PrunerContract):
+        plugin = MyPruner
+        params = {"k": 2}  # optional: parameters to run it with
+    """
+
+    plugin: Any
+    params: dict[str, Any] = {}  # noqa: RUF012 (read only, overridden by subclasses)
+
+    @pytest.mark.parametrize("check", PRUNER_CHECKS, ids=lambda c: c.name)
+    def test_contract(self, check: ContractCheck) -> None:
+        _outcome_or_fail(check, "pruner", self.plugin.name, PluginSubject(self.plugin, self.params))
+
+
+class DiscovererContract:
+    """Subclass in a plugin's tests to run every discoverer contract check::
+
+    class TestMyDiscoverer(DiscovererContract):
+        plugin = MyDiscoverer
+    """
+
+    plugin: Any
+    params: dict[str, Any] = {}  # noqa: RUF012 (read only, overridden by subclasses)
+
+    @pytest.mark.parametrize("check", DISCOVERER_CHECKS, ids=lambda c: c.name)
+    def test_contract(self, check: ContractCheck) -> None:
+        _outcome_or_fail(
+            check, "discoverer", self.plugin.name, PluginSubject(self.plugin, self.params)
+        )
+
+
+class TaskContract:
+    """Subclass in a task package's tests::
+
+    class TestMyTask(TaskContract):
+        task = MyTask()
+        model = "my-model"  # a registered model whose tokenizer the prompts must fit
+    """
+
+    task: Any
+    model: str
+
+    @pytest.mark.parametrize("check", TASK_CHECKS, ids=lambda c: c.name)
+    def test_contract(self, check: ContractCheck) -> None:
+        _outcome_or_fail(check, "task", self.task.name, TaskSubject(self.task, self.model))
+
+
+class ModelContract:
+    """Subclass in a model package's tests::
+
+    class TestMyModel(ModelContract):
+        model = "my-model"  # registered name
+        loader = staticmethod(load_my_model)  # optional; default: the registered loader
+    """
+
+    model: str
+    loader: Any = None
+
+    @pytest.mark.parametrize("check", MODEL_CHECKS, ids=lambda c: c.name)
+    def test_contract(self, check: ContractCheck) -> None:
+        from appbench.plugins import get_registries
+
+        loader = self.loader or get_registries().models.get(self.model).loader
+        _outcome_or_fail(check, "model", self.model, ModelSubject(self.model, loader))

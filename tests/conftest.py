@@ -7,6 +7,8 @@ import pytest
 
 from appbench import plugins
 
+pytest_plugins = ["pytester"]
+
 
 @pytest.fixture
 def fresh_plugins():
