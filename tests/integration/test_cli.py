@@ -286,3 +286,32 @@ def test_the_default_app_run_finds_ground_truth_heads_for_every_seed(seed, tmp_p
     assert data["model"] == "zoo-gt-ioi" and data["circuit_size"] >= 3
     assert data["overlap"]["precision"] == 1.0 and data["overlap"]["recall"] >= 0.75
     assert "empty-circuit" not in {flag["code"] for flag in data["flags"]}
+
+
+def test_python_dash_m_appbench_is_the_command_and_a_closed_pipe_is_quiet():
+    import subprocess
+    import sys
+
+    version = subprocess.run(
+        [sys.executable, "-m", "appbench", "--version"], capture_output=True, text=True
+    )
+    assert version.returncode == 0 and "appbench" in version.stdout
+    # `appbench list models | head -1`: the reader leaves after one line.
+    with subprocess.Popen(
+        [sys.executable, "-m", "appbench", "list", "models"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as lister:
+        assert lister.stdout.readline().startswith("models:")
+        lister.stdout.close()
+        stderr = lister.stderr.read()
+        assert lister.wait(timeout=120) in (0, 141)
+    assert "Error" not in stderr and "Traceback" not in stderr, stderr
+
+
+@pytest.mark.parametrize(("amount", "said"), [(0.5, "0.50 s saved"), (-0.31, "0.31 s lost")])
+def test_negative_savings_read_as_lost(amount, said):
+    from appbench.cli import _saved
+
+    assert _saved(amount, "s") == said

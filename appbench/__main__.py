@@ -1,0 +1,5 @@
+"""``python -m appbench``: the same as the ``appbench`` command."""
+
+from appbench.cli import main
+
+main()
