@@ -50,13 +50,19 @@ DEFAULT_OUT = Path("appbench-results")
 
 
 def default_model(task: str) -> str:
-    """The model a run of ``task`` uses when none is named: the task's ground-truth zoo model
-    ``zoo-gt-<task>`` where one is registered (its circuit is known, so overlap means something),
-    otherwise the multitask zoo model, which runs every built-in task."""
+    """The model a run of ``task`` uses when none is named: the one its task.yaml names
+    (``default_model``, how a plugin task points at its own model), else the task's
+    ground-truth zoo model ``zoo-gt-<task>`` where one is registered (its circuit is known, so
+    overlap means something), otherwise the multitask zoo model, which runs every built-in task."""
     from appbench.plugins import get_registries
 
+    regs = get_registries()
+    if task in regs.tasks.names():
+        declared = regs.tasks.get(task).spec.default_model
+        if declared:
+            return str(declared)
     ground_truth = f"zoo-gt-{task}"
-    return ground_truth if ground_truth in get_registries().models.names() else DEFAULT_MODEL
+    return ground_truth if ground_truth in regs.models.names() else DEFAULT_MODEL
 
 
 #: Seeds a run accepts (the range of torch's and numpy's generators).

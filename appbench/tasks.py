@@ -43,6 +43,11 @@ class TaskSpec(BaseModel):
     n_search: int = Field(default=100, gt=0, description="prompts in the search split")
     n_eval: int = Field(default=200, gt=0, description="prompts in the held-out evaluation split")
     seed: int = Field(default=0, description="default generator seed")
+    default_model: str | None = Field(
+        default=None,
+        description="model a run of this task uses when none is named (a registered model); "
+        "default: the ground-truth zoo model zoo-gt-<task>, else zoo-multitask",
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -288,12 +293,16 @@ class Task:
     """Base class of tasks; a task folder subclasses it and implements :meth:`generate`.
 
     Subclasses set ``package`` to their folder's import path; the spec is read from its
-    task.yaml and reference circuits from its ``reference/`` folder.
+    task.yaml and reference circuits from its ``reference/`` folder. A task built from a
+    :class:`TaskSpec` in code can still ship reference circuits: ``Task(spec, package=...)``
+    names the package whose ``reference/`` folder holds them.
     """
 
     package: ClassVar[str] = ""
 
-    def __init__(self, spec: TaskSpec | None = None) -> None:
+    def __init__(self, spec: TaskSpec | None = None, package: str | None = None) -> None:
+        if package is not None:
+            self.package = package  # type: ignore[misc]
         if spec is None and not self.package:
             raise TaskError(f"{type(self).__name__} needs a `package` with a task.yaml, or a spec")
         self.spec = spec if spec is not None else load_spec(resources.files(self.package))

@@ -278,6 +278,11 @@ class PathPatch(Discoverer):
             except NotCausalError as exc:
                 fallback = str(exc)
                 ctx.log(f"pathpatch: {exc}; scoring with the reference engine instead")
+                ctx.flag(
+                    "not-causal",
+                    f"{exc}; path patching fell back to the (exact, slower) reference engine, "
+                    "and a language model whose positions see later ones is likely miswired",
+                )
                 engine = "reference"
         if scorer is None:
             scorer = _ReferenceScorer(first_ctx)
