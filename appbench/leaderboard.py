@@ -596,7 +596,8 @@ def task_page(
             links = []
             for seed in row.seeds:
                 entry = f"seed {seed}: [diagram]({_relative(paths[f'diagram:{seed}'], page)})"
-                entry += f", [graph]({_relative(paths[f'graph:{seed}'], page)})"
+                if paths[f"graph:{seed}"] in exports:
+                    entry += f", [graph]({_relative(paths[f'graph:{seed}'], page)})"
                 if paths[f"scores:{seed}"] in exports:
                     entry += f", [MIB scores]({_relative(paths[f'scores:{seed}'], page)})"
                 links.append(entry)
@@ -805,7 +806,9 @@ def mean_ranks(rows: Sequence[Row]) -> tuple[list[Ranked], list[str]]:
             ranks_by_key: list[list[float]] | None = [[] for _ in complete]
             for task in tasks:
                 values = [value(cells[key][task][0]) for key in complete]
-                if any(v is None for v in values):
+                references = {cells[key][task][0].reference for key in complete}
+                if any(v is None for v in values) or (metric == "f1" and len(references) > 1):
+                    # Overlap against different references is not one scale: no F1 rank.
                     ranks_by_key = None
                     break
                 signed = [-v if HIGHER_IS_BETTER[metric] else v for v in values]  # type: ignore[operator]
@@ -848,6 +851,14 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h"
 
 
+def _kinds_on(rows: Sequence[Row], model: str, task: str) -> set[str]:
+    return {
+        row.reference[0]
+        for row in rows
+        if row.key.model == model and row.key.task == task and isinstance(row.reference, tuple)
+    }
+
+
 def summary_page(rows: Sequence[Row], paper: PaperData) -> str:
     """The leaderboard's README (pure)."""
     runs = [run for row in rows for run in row.runs]
@@ -885,9 +896,9 @@ def summary_page(rows: Sequence[Row], paper: PaperData) -> str:
         "",
         "For each model, every (pruner, discoverer, settings) row run on all of the model's "
         "tasks is ranked on each task (1 = best; ties share their mean rank) by its mean "
-        "normalised faithfulness, its mean F1 against the task's reference, and its mean "
-        "prune + discover FLOPs (fewer is better); the table gives the mean rank over the "
-        "tasks. Only complete rows are ranked, against each other; the others are listed "
+        "normalised faithfulness, its mean F1 against the task's reference (only where every "
+        "ranked row of the task used the same reference), and its mean prune + discover FLOPs "
+        "(fewer is better); the table gives the mean rank over the tasks. Only complete rows are ranked, against each other; the others are listed "
         "below the table. The paper's rows are never ranked. A rank measure that some "
         "complete row lacks on some task is left out (–).",
         "",
@@ -896,7 +907,16 @@ def summary_page(rows: Sequence[Row], paper: PaperData) -> str:
     for model in models:
         entries = [r for r in ranked if r.model == model]
         model_tasks = sorted({r.key.task for r in rows if r.key.model == model})
-        lines += [f"### {model}", "", f"Tasks: {', '.join(model_tasks)}.", ""]
+        kinds = [
+            f"{task} {'/'.join(sorted(_kinds_on(rows, model, task))) or 'none'}"
+            for task in model_tasks
+        ]
+        lines += [
+            f"### {model}",
+            "",
+            f"Tasks: {', '.join(model_tasks)}. Reference kinds (F1): {'; '.join(kinds)}.",
+            "",
+        ]
         if entries:
             headers = [
                 "pruner",

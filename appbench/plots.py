@@ -30,7 +30,7 @@ from appbench.results import RunResult
 
 #: Bump when the drawing code changes what a plot shows: every plot's hash changes with it, so
 #: the leaderboard redraws them all and its drift check asks for a rebuild.
-PLOT_VERSION = 1
+PLOT_VERSION = 2
 
 _HASH_COMMENT = re.compile(r"<!-- appbench-plot sha256=([0-9a-f]{64}) -->")
 
@@ -334,7 +334,9 @@ def _draw_cost(figure: Any, data: Mapping[str, Any]) -> None:
 
 
 def _draw_circuit(figure: Any, data: Mapping[str, Any]) -> None:
+    from matplotlib.collections import LineCollection
     from matplotlib.colors import ListedColormap
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     ax = figure.subplots()
@@ -352,35 +354,49 @@ def _draw_circuit(figure: Any, data: Mapping[str, Any]) -> None:
         edgecolors="#808080",
         linewidth=0.5,
     )
-    logits_y = n_layers + 0.2
+    segments, senders, into_logits = [], [], []
     for sender, receiver in data["edges"]:
         s = Head.parse(sender)
         if receiver == "logits":
-            end = (s.head, logits_y)
-        else:
-            r = Head.parse(receiver)
-            end = (r.head, r.layer)
-        ax.annotate(
-            "",
-            xy=end,
-            xytext=(s.head, s.layer),
-            arrowprops={"arrowstyle": "->", "color": "black", "linewidth": 0.7, "alpha": 0.7},
-        )
-    if any(receiver == "logits" for _, receiver in data["edges"]):
-        ax.text((n_heads - 1) / 2, logits_y + 0.15, "logits", ha="center", va="bottom")
+            into_logits.append((s.head, s.layer))
+            continue
+        r = Head.parse(receiver)
+        segments.append([(s.head, s.layer), (r.head, r.layer)])
+        senders.append((s.head, s.layer))
+    # Edges between heads run forward, from a lower layer up: lines without arrowheads say it
+    # (a dot marks the sender), and stay one path each however many edges a circuit has.
+    ax.add_collection(LineCollection(segments, colors="black", linewidths=0.7, alpha=0.7))
+    ax.plot([x for x, _ in senders], [y for _, y in senders], "k.", markersize=3)
+    ax.plot(
+        [x for x, _ in into_logits],
+        [y for _, y in into_logits],
+        linestyle="none",
+        marker="^",
+        markersize=7,
+        markerfacecolor="black",
+        markeredgecolor="white",
+    )
     ax.set_xlim(-0.5, n_heads - 0.5)
-    ax.set_ylim(-0.5, n_layers + 0.8)
+    ax.set_ylim(-0.5, n_layers - 0.5)
     ax.set_xticks(range(n_heads))
     ax.set_yticks(range(n_layers))
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(f"{data['title']}\n{data['subtitle']}", fontsize=9)
     used = {c for row in data["cells"] for c in row}
-    handles = [
+    handles: list[Any] = [
         Patch(facecolor=colour, edgecolor="#808080", label=label)
         for key, label, colour in CATEGORIES
         if key in used
     ]
+    if segments:
+        handles.append(Line2D([], [], color="black", linewidth=0.7, label="edge (from the dot up)"))
+    if into_logits:
+        handles.append(
+            Line2D(
+                [], [], linestyle="none", marker="^", color="black", label="edge into the logits"
+            )
+        )
     figure.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8)
 
 

@@ -403,3 +403,28 @@ def test_build_is_deterministic_and_writes_every_kind_of_file():
             assert text.startswith(lb.HEADER + "\n"), name
     with pytest.raises(lb.LeaderboardError, match="no results"):
         lb.build([])
+
+
+def test_f1_is_not_ranked_across_different_references():
+    # On task a, A was measured against the ground truth and B against a method's circuit:
+    # their F1s are not one scale, so no row gets an F1 rank; the other measures still rank.
+    runs = [
+        result(task="a", pruner="x", f1=1.0),
+        result(
+            task="a", pruner="y", f1=0.5, reference_kind="method-derived", reference_source="pp"
+        ),
+    ]
+    ranked, _ = lb.mean_ranks(lb.group_runs(runs))
+    assert [r.mean_ranks[1] for r in ranked] == [None, None]
+    assert all(r.mean_ranks[0] is not None and r.mean_ranks[2] is not None for r in ranked)
+    page = lb.summary_page(lb.group_runs(runs), lb.paper_data())
+    assert "Reference kinds (F1): a ground-truth/method-derived." in page
+
+
+def test_a_result_without_the_models_shape_gets_no_circuit_file_and_no_dead_link():
+    old = result()
+    old.graph_config = None
+    built = lb.build([old])
+    assert not any(name.startswith("circuits/") for name in built.texts)
+    assert "[graph]" not in built.texts["tasks/ioi.md"]
+    assert "[diagram]" in built.texts["tasks/ioi.md"]
