@@ -47,6 +47,20 @@ def copy_of(board, tmp_path):
     return target
 
 
+def test_real_results_store_per_prompt_values_that_average_to_their_means(board):
+    from appbench.results import load_result
+
+    for path in sorted((board / "results").rglob("*.json")):
+        f = load_result(path).faithfulness
+        for values, mean in (
+            (f.per_prompt_model, f.m_model),
+            (f.per_prompt_empty, f.m_empty),
+            (f.per_prompt_circuit, f.m_circuit),
+        ):
+            assert values is not None and len(values) == 20
+            assert sum(values) / len(values) == pytest.approx(mean, rel=1e-12, abs=1e-12)
+
+
 def test_check_passes_right_after_a_build(board):
     checked = invoke("leaderboard", "build", "--out", str(board), "--check")
     assert checked.exit_code == 0, checked.output
