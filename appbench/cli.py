@@ -947,6 +947,119 @@ def check_plugin(names: tuple[str, ...], check_all: bool, model: str | None, as_
         sys.exit(1)
 
 
+# ------------------------------------------------------------- leaderboard and plots
+@cli.group()
+def leaderboard() -> None:
+    """Build the leaderboard pages, plots and circuit files from result files.
+
+    \b
+    Examples:
+      appbench leaderboard build
+      appbench leaderboard build --check
+    """
+
+
+@leaderboard.command("build")
+@click.option(
+    "--results",
+    "results_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of result files, searched recursively [default: OUT/results].",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("leaderboards"),
+    show_default=True,
+    help="Leaderboard folder: README.md, tasks/, plots/ and circuits/ are generated there.",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Write nothing: exit 1, listing the files, when the generated files on disk differ "
+    "from what the results give (pages and circuit files byte for byte, plots by the data "
+    "they were drawn from).",
+)
+def leaderboard_build(results_dir: Path | None, out: Path, check: bool) -> None:
+    """Generate the leaderboard from OUT/results/**.json: a summary (README.md, mean ranks
+    across tasks), one page per task (tasks/TASK.md), plots and every circuit as an EAP-IG /
+    MIB graph. Plots are redrawn only when their data changed.
+
+    \b
+    Examples:
+      appbench leaderboard build
+      appbench leaderboard build --check
+      appbench leaderboard build --results my-runs --out my-board
+    """
+    from appbench.leaderboard import LeaderboardError, build, drift, load_results, write
+
+    folder = results_dir if results_dir is not None else out / "results"
+    try:
+        built = build(load_results(folder))
+    except LeaderboardError as exc:
+        fail(str(exc))
+    if check:
+        problems = drift(out, built)
+        if problems:
+            for line in problems:
+                click.echo(f"drift: {out / line}", err=True)
+            fail(
+                f"{len(problems)} generated file(s) in {out} do not match the results; run "
+                "`appbench leaderboard build`",
+                1,
+            )
+        click.echo(f"{out}: up to date ({len(built.texts) + len(built.plots)} generated files)")
+        return
+    done = write(out, built)
+    click.echo(
+        f"{out}: {done.written} files written, {done.unchanged} unchanged, "
+        f"{done.removed} stale removed"
+    )
+
+
+@cli.command("plot")
+@click.argument(
+    "result_files", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False)
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the SVG files [default: beside each result].",
+)
+def plot_command(result_files: tuple[Path, ...], out: Path | None) -> None:
+    """Draw the plots of RESULT_FILES (`appbench run` results) as SVG: the circuit diagram
+    (layer x head grid, found / missed / extra against the reference, edges where the
+    discoverer gives them), performance against sparsity where the pruner swept it, and the
+    discovery cost against the dense run of the same discoverer where it lies beside the
+    result (none__DISCOVERER.json).
+
+    \b
+    Examples:
+      appbench plot appbench-results/ioi/zoo-gt-ioi/cflap__pathpatch.json
+      appbench plot results/*/*/*.json -o plots
+    """
+    from appbench.plots import draw, result_plots
+    from appbench.results import ResultFileError, load_result, write_atomically
+
+    for path in result_files:
+        result = load_result(path)
+        dense_path = path.with_name(f"none__{result.discoverer}.json")
+        dense = None
+        if result.pruner != "none" and dense_path.is_file():
+            try:
+                dense = load_result(dense_path)
+            except ResultFileError as exc:
+                click.echo(f"[appbench] no cost plot: {exc}", err=True)
+        folder = out if out is not None else path.parent
+        for name, data in result_plots(result, dense).items():
+            target = folder / f"{path.stem}.{name}.svg"
+            write_atomically(target, draw(data))
+            click.echo(str(target))
+
+
 def _register_plugin_commands() -> None:
     from appbench.plugins import get_plugin_manager
 

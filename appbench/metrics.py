@@ -23,10 +23,14 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "reduction": True,
     "speedup_wall": True,
     "speedup_prompt_passes": True,
+    "speedup_flops": True,
     "circuit_size": False,
     "search_space_size": False,
     "wall_seconds": False,
     "prompt_passes": False,
+    "flops": False,
+    # A leaderboard's mean rank across tasks: rank 1 is the best row of a task.
+    "mean_rank": False,
 }
 
 #: Denominators smaller than this make normalised faithfulness meaningless.

@@ -84,6 +84,22 @@ class Faithfulness(BaseModel):
     degenerate: bool = Field(description="|m(M)−m(∅)| < 1e-6: the normalised score is meaningless")
     inverted: bool = Field(description="m(M) < m(∅)")
     ablation: str = Field(description="how non-circuit heads were ablated")
+    per_prompt_model: list[float] | None = Field(
+        default=None,
+        description="the metric of the full model on each evaluation prompt, in the split's "
+        "order; m_model is their mean. None in results written before appbench recorded them, "
+        "and for edge faithfulness (computed a chunk of prompts at a time)",
+    )
+    per_prompt_empty: list[float] | None = Field(
+        default=None,
+        description="the metric with every head mean-ablated, per evaluation prompt (mean: m_empty)",
+    )
+    per_prompt_circuit: list[float] | None = Field(
+        default=None,
+        description="the metric with the heads outside the circuit mean-ablated, per evaluation "
+        "prompt (mean: m_circuit). With the other two lists it gives bootstrap intervals over "
+        "prompts of both faithfulness scores, resampling the same prompts for all three",
+    )
 
 
 class Overlap(BaseModel):
@@ -183,6 +199,11 @@ class Provenance(BaseModel):
     )
     task_version: str = Field(description="version from the task's task.yaml")
     model_source: str = Field(description="how the model was loaded")
+    hardware: str | None = Field(
+        default=None,
+        description="the machine the run ran on: CPU model and logical core count, and the GPU "
+        "for a CUDA run (None in results written before appbench recorded it)",
+    )
 
 
 class RunResult(BaseModel):

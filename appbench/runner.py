@@ -317,14 +317,19 @@ def evaluate_circuits(ctx: RunContext, circuits: Sequence[frozenset[Head]]) -> l
     for row, heads in enumerate(circuits, start=2):
         for head in heads:
             keep[row, head.layer, head.head] = True
-    values = chunked_ablated_metric(engine, data, keep, means, batch).double().mean(dim=1).tolist()
+    per_prompt = chunked_ablated_metric(engine, data, keep, means, batch).double()
+    values = per_prompt.mean(dim=1).tolist()
+    rows = per_prompt.tolist()  # kept per prompt: bootstrap intervals over prompts need them
     return [
         Faithfulness(
             **metrics.faithfulness(values[0], values[1], value).to_dict(),  # type: ignore[arg-type]
             ablation="hook_z of every head outside the circuit replaced, at all positions, by "
             "its per-template, per-position mean over the evaluation split's corrupted prompts",
+            per_prompt_model=rows[0],
+            per_prompt_empty=rows[1],
+            per_prompt_circuit=row,
         )
-        for value in values[2:]
+        for value, row in zip(values[2:], rows[2:], strict=True)
     ]
 
 
@@ -561,6 +566,29 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def _hardware(device: str) -> str:
+    """The machine in words, for the leaderboard's statement of what the numbers ran on:
+    "<CPU model>, <n> logical cores" and, for a CUDA run, the GPU's name."""
+    import os
+
+    cpu = platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    described = f"{cpu}, {os.cpu_count() or '?'} logical cores"
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            index = int(device.partition(":")[2] or 0)
+            described += f"; GPU {torch.cuda.get_device_name(index)}"
+    return described
+
+
 def _library_versions() -> dict[str, str]:
     versions = {}
     for dist in ("torch", "transformer-lens", "transformers", "pluggy", "pydantic", "numpy"):
@@ -754,6 +782,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
         plugins=[info.__dict__ for info in plugin_infos()],
         task_version=task.spec.version,
         model_source=str(getattr(model.cfg, "model_name", cfg.model)),
+        hardware=_hardware(cfg.device),
     )
     fields: dict[str, Any] = {
         "task": cfg.task,

@@ -58,3 +58,41 @@ def test_run_config_refuses_seeds_and_devices_that_cannot_mean_anything(bad):
 
     with pytest.raises(ValidationError):
         RunConfig(pruner="none", discoverer="actpatch", **bad)
+
+
+def test_per_prompt_values_are_stored_and_average_to_the_stored_means():
+    # The leaderboard's bootstrap intervals resample these lists: they must be exactly the
+    # values whose means the result reports, one per evaluation prompt.
+    ctx = toy_context()
+    circuit = frozenset({Head(1, 1)})
+    f = evaluate_circuit(ctx, circuit)
+    n = len(ctx.evaluation)
+    for values, mean in (
+        (f.per_prompt_model, f.m_model),
+        (f.per_prompt_empty, f.m_empty),
+        (f.per_prompt_circuit, f.m_circuit),
+    ):
+        assert values is not None and len(values) == n
+        assert sum(values) / n == pytest.approx(mean, rel=1e-12, abs=1e-12)
+    # Not three copies of one list: the circuit differs from the full model on every prompt.
+    assert f.per_prompt_circuit != f.per_prompt_model
+    # And the ratio of the means is the stored normalised faithfulness.
+    m, e, c = (sum(v) / n for v in (f.per_prompt_model, f.per_prompt_empty, f.per_prompt_circuit))
+    assert (c - e) / (m - e) == pytest.approx(f.normalised, abs=1e-9)
+
+
+def test_results_written_before_per_prompt_values_still_load():
+    from appbench.results import Faithfulness
+
+    old = {
+        "m_model": 2.0,
+        "m_empty": 0.0,
+        "m_circuit": 1.0,
+        "percent": 50.0,
+        "normalised": 0.5,
+        "degenerate": False,
+        "inverted": False,
+        "ablation": "mean",
+    }
+    f = Faithfulness.model_validate(old)
+    assert f.per_prompt_model is None and f.per_prompt_circuit is None
