@@ -757,6 +757,18 @@ class Ranked:
     mean_ranks: tuple[float | None, ...]
 
 
+#: The rank group of every task's own ground-truth model: ``zoo-gt-ioi`` on ioi,
+#: ``zoo-gt-docstring`` on docstring, ... ranked together as one model family, so that the
+#: default models (one per task) get a mean rank across all five tasks.
+GROUND_TRUTH_GROUP = "zoo-gt-<task>"
+
+
+def rank_group(row: Row) -> str:
+    """The model a row is ranked with: its own, or :data:`GROUND_TRUTH_GROUP` when it ran on
+    its task's ground-truth zoo model ``zoo-gt-<task>``."""
+    return GROUND_TRUTH_GROUP if row.key.model == f"zoo-gt-{row.key.task}" else row.key.model
+
+
 def mean_ranks(rows: Sequence[Row]) -> tuple[list[Ranked], list[str]]:
     """Mean rank across tasks of each complete row, per model, and why the others are left out.
 
@@ -769,15 +781,15 @@ def mean_ranks(rows: Sequence[Row]) -> tuple[list[Ranked], list[str]]:
 
     ranked: list[Ranked] = []
     left_out: list[str] = []
-    models = sorted({r.key.model for r in rows})
+    models = sorted({rank_group(r) for r in rows})
     for model in models:
-        model_rows = [r for r in rows if r.key.model == model]
+        model_rows = [r for r in rows if rank_group(r) == model]
         tasks = sorted({r.key.task for r in model_rows})
         cells: dict[tuple[str, str, str, str], dict[str, list[Row]]] = defaultdict(
             lambda: defaultdict(list)
         )
         for row in model_rows:
-            cells[row.key.rank_key][row.key.task].append(row)
+            cells[(model, *row.key.rank_key[1:])][row.key.task].append(row)
         complete = []
         for key in sorted(cells):
             missing = [t for t in tasks if t not in cells[key]]
@@ -855,7 +867,7 @@ def _kinds_on(rows: Sequence[Row], model: str, task: str) -> set[str]:
     return {
         row.reference[0]
         for row in rows
-        if row.key.model == model and row.key.task == task and isinstance(row.reference, tuple)
+        if rank_group(row) == model and row.key.task == task and isinstance(row.reference, tuple)
     }
 
 
@@ -894,7 +906,8 @@ def summary_page(rows: Sequence[Row], paper: PaperData) -> str:
         "",
         "## Mean rank across tasks",
         "",
-        "For each model, every (pruner, discoverer, settings) row run on all of the model's "
+        "For each model (the ground-truth zoo models, one per task, count as one: "
+        f"`{GROUND_TRUTH_GROUP}`), every (pruner, discoverer, settings) row run on all of the model's "
         "tasks is ranked on each task (1 = best; ties share their mean rank) by its mean "
         "normalised faithfulness, its mean F1 against the task's reference (only where every "
         "ranked row of the task used the same reference), and its mean prune + discover FLOPs "
@@ -904,17 +917,24 @@ def summary_page(rows: Sequence[Row], paper: PaperData) -> str:
         "",
     ]
     ranked, left_out = mean_ranks(rows)
-    for model in models:
+    for model in sorted({rank_group(r) for r in rows}):
         entries = [r for r in ranked if r.model == model]
-        model_tasks = sorted({r.key.task for r in rows if r.key.model == model})
+        model_tasks = sorted({r.key.task for r in rows if rank_group(r) == model})
         kinds = [
             f"{task} {'/'.join(sorted(_kinds_on(rows, model, task))) or 'none'}"
             for task in model_tasks
         ]
+        family = (
+            " (each task's own ground-truth zoo model: "
+            + ", ".join(f"zoo-gt-{task}" for task in model_tasks)
+            + ")"
+            if model == GROUND_TRUTH_GROUP
+            else ""
+        )
         lines += [
             f"### {model}",
             "",
-            f"Tasks: {', '.join(model_tasks)}. Reference kinds (F1): {'; '.join(kinds)}.",
+            f"Tasks: {', '.join(model_tasks)}{family}. Reference kinds (F1): {'; '.join(kinds)}.",
             "",
         ]
         if entries:

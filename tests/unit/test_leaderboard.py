@@ -428,3 +428,22 @@ def test_a_result_without_the_models_shape_gets_no_circuit_file_and_no_dead_link
     assert not any(name.startswith("circuits/") for name in built.texts)
     assert "[graph]" not in built.texts["tasks/ioi.md"]
     assert "[diagram]" in built.texts["tasks/ioi.md"]
+
+
+def test_each_tasks_ground_truth_model_ranks_as_one_family_across_tasks():
+    """zoo-gt-ioi on ioi and zoo-gt-docstring on docstring: one model per task, so only as one
+    family can a row get a mean rank over both tasks. zoo-gt-ioi on another task stays apart."""
+    runs = [
+        result(task=task, model=f"zoo-gt-{task}", pruner=pruner, seed=seed, keep=keep)
+        for task, keeps in (("ioi", {"a": 0.9, "b": 0.7}), ("docstring", {"a": 0.6, "b": 0.8}))
+        for pruner, keep in keeps.items()
+        for seed in range(3)
+    ] + [result(task="docstring", model="zoo-gt-ioi", pruner="a", seed=s) for s in range(3)]
+    rows = lb.group_runs(runs)
+    ranked, _ = lb.mean_ranks(rows)
+    family = {r.pruner: r for r in ranked if r.model == lb.GROUND_TRUTH_GROUP}
+    assert set(family) == {"a", "b"} and {r.tasks for r in family.values()} == {2}
+    assert family["a"].mean_ranks[0] == pytest.approx(1.5)  # 1st on ioi, 2nd on docstring
+    assert [r.model for r in ranked if r.model != lb.GROUND_TRUTH_GROUP] == ["zoo-gt-ioi"]
+    page = lb.summary_page(rows, lb.paper_data())
+    assert "(each task's own ground-truth zoo model: zoo-gt-docstring, zoo-gt-ioi)" in page
