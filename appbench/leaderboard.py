@@ -508,8 +508,8 @@ def plot_paths(row: Row, ambiguous: bool) -> dict[str, str]:
     paths = {}
     for seed in row.seeds:
         paths[f"diagram:{seed}"] = f"plots/{base}/circuits/seed-{seed}/{stem}.svg"
-        paths[f"graph:{seed}"] = f"circuits/{base}/seed-{seed}/{stem}.eap-ig.json"
-        paths[f"scores:{seed}"] = f"circuits/{base}/seed-{seed}/{stem}.mib.json"
+        paths[f"graph:{seed}"] = f"circuits/{base}/seed-{seed}/{stem}.eap-ig.json.gz"
+        paths[f"scores:{seed}"] = f"circuits/{base}/seed-{seed}/{stem}.mib.json.gz"
     return paths
 
 
@@ -1116,10 +1116,24 @@ def load_results(folder: Path) -> list[RunResult]:
 
 
 def _read(path: Path) -> str | None:
+    """A generated file's text; ``.gz`` files (the circuit exports, which grow with the edge
+    graph: megabytes for a 30-layer model) decompressed."""
+    import gzip
+
     try:
+        if path.suffix == ".gz":
+            return gzip.decompress(path.read_bytes()).decode("utf-8")
         return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile):
         return None
+
+
+def _encoded(name: str, text: str) -> str | bytes:
+    """What is written for a generated file: gzip with no timestamp (the same bytes every
+    build) for ``.gz`` names, the text itself otherwise."""
+    import gzip
+
+    return gzip.compress(text.encode("utf-8"), mtime=0) if name.endswith(".gz") else text
 
 
 def _generated_files(out: Path) -> set[str]:
@@ -1176,7 +1190,7 @@ def write(out: Path, built: Build) -> Written:
         if _read(out / name) == text:
             unchanged += 1
             continue
-        write_atomically(out / name, text)
+        write_atomically(out / name, _encoded(name, text))
         written += 1
     for name, data in sorted(built.plots.items()):
         on_disk = _read(out / name)

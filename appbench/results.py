@@ -275,8 +275,8 @@ class RunResult(BaseModel):
         return path
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one: a
+def write_atomically(path: Path, text: str | bytes) -> None:
+    """Write ``text`` (or bytes) to ``path`` so that readers see the old file or the whole new one: a
     temporary file unique to this process in the same folder, flushed to disk, then renamed
     over ``path``. Temporary files of this name left by dead processes (a run killed while
     saving) are removed first."""
@@ -286,8 +286,9 @@ def write_atomically(path: Path, text: str) -> None:
         dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
     )
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
+        data = text if isinstance(text, bytes) else text.encode("utf-8")
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)

@@ -3,6 +3,7 @@ and every bad input they may meet: one line, no traceback."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import xml.etree.ElementTree as ET
@@ -70,16 +71,14 @@ def test_check_passes_right_after_a_build(board):
     assert "| cflap    | actpatch" in page and "dense baseline" in page
     assert "1 (0): n=1, no spread" in page
     # The circuit files are EAP-IG graphs of the model's shape.
-    graph = json.loads(
-        (board / "circuits/ioi/zoo-gt-ioi/seed-0/cflap__actpatch.eap-ig.json").read_text()
-    )
+    published = board / "circuits/ioi/zoo-gt-ioi/seed-0/cflap__actpatch.eap-ig.json.gz"
+    graph = json.loads(gzip.decompress(published.read_bytes()))
     assert graph["cfg"]["n_layers"] == 4 and any(e["in_graph"] for e in graph["edges"].values())
     # ... byte for byte what `appbench circuit export` writes for the run.
     exported = board / "exported.json"
     result = board / "results/seed-0/ioi/zoo-gt-ioi/cflap__actpatch.json"
     assert invoke("circuit", "export", str(result), "-o", str(exported)).exit_code == 0
-    published = board / "circuits/ioi/zoo-gt-ioi/seed-0/cflap__actpatch.eap-ig.json"
-    assert exported.read_bytes() == published.read_bytes()
+    assert exported.read_bytes() == gzip.decompress(published.read_bytes())
     exported.unlink()
     # A second build changes nothing.
     again = invoke("leaderboard", "build", "--out", str(board))

@@ -395,7 +395,7 @@ def test_build_is_deterministic_and_writes_every_kind_of_file():
     first, second = lb.build(runs), lb.build(list(reversed(runs)))
     assert first.texts == second.texts and first.plots == second.plots
     assert {"README.md", "tasks/ioi.md"} <= set(first.texts)
-    assert "circuits/ioi/zoo-x/seed-0/cflap__pathpatch.eap-ig.json" in first.texts
+    assert "circuits/ioi/zoo-x/seed-0/cflap__pathpatch.eap-ig.json.gz" in first.texts
     assert "plots/ioi/zoo-x/cost.svg" in first.plots
     assert "plots/ioi/zoo-x/circuits/seed-2/none__pathpatch.svg" in first.plots
     for name, text in first.texts.items():
