@@ -1132,13 +1132,34 @@ def plot_command(result_files: tuple[Path, ...], out: Path | None) -> None:
     "-j",
     type=click.IntRange(min=1),
     default=None,
-    help="Runs at once: worker processes (default min(2, CPUs)).",
+    help="Runs at once: worker processes (local; default min(2, CPUs)) or Ray tasks in "
+    "flight (ray; default: the cluster's CPUs).",
 )
 @click.option(
     "--executor",
-    type=click.Choice(["local"]),
+    type=click.Choice(["local", "ray"]),
     default=None,
-    help="Where runs compute: local (a process pool). [default: local]",
+    help="Where runs compute: local (a process pool) or ray (a Ray cluster: pip install "
+    "'appbench[ray]'). [default: local]",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster address for --executor ray (ray://HEAD:10001, HEAD:6379 or auto); "
+    "default: RAY_ADDRESS, else a Ray started here.",
+)
+@click.option(
+    "--cpus-per-run",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="CPUs each Ray task declares (default: 1, more for models over 1 GiB).",
+)
+@click.option(
+    "--gpus-per-run",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="GPUs each Ray task declares (default: 1 on cuda, 0.25 for models under 256 MiB; "
+    "0 on cpu).",
 )
 @click.option(
     "--retries",
@@ -1154,7 +1175,7 @@ def plot_command(result_files: tuple[Path, ...], out: Path | None) -> None:
     default=None,
     help="YAML file with the same keys (pruners, discoverers, tasks, models, seeds, "
     "pruner_params, discoverer_params, n_search, n_eval, device, out, jobs, executor, "
-    "retries); options given here override it.",
+    "address, cpus_per_run, gpus_per_run, ray_runtime_env, retries); options given here override it.",
 )
 @click.option(
     "--overwrite",
@@ -1181,6 +1202,9 @@ def sweep(
     out: Path | None,
     jobs: int | None,
     executor: str | None,
+    address: str | None,
+    cpus_per_run: float | None,
+    gpus_per_run: float | None,
     retries: int | None,
     config_file: Path | None,
     overwrite: bool,
@@ -1200,6 +1224,7 @@ def sweep(
     Examples:
       appbench sweep --pruners magnitude,cflap --discoverers actpatch,pathpatch --seeds 1-3
       appbench sweep --config sweep.yaml --jobs 2
+      appbench sweep --config sweep.yaml --executor ray --address ray://head:10001
       appbench sweep --pruners all --discoverers actpatch --models default --dry-run
     """
     from appbench import sweep as sweeping
@@ -1219,6 +1244,9 @@ def sweep(
             "out": None if out is None else str(out),
             "jobs": jobs,
             "executor": executor,
+            "address": address,
+            "cpus_per_run": cpus_per_run,
+            "gpus_per_run": gpus_per_run,
             "retries": retries,
         },
         source=f"--config {config_file}",

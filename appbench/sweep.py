@@ -3,7 +3,8 @@
 ``appbench sweep`` expands the grid into runs (:func:`plan`), looks at what the results
 folder already holds (:func:`inspect`: a run whose result records the same settings is
 finished and skipped; a result of other settings is refused unless overwriting), and hands
-the rest to an :class:`Executor`: :class:`LocalExecutor`, a process pool on this machine.
+the rest to an :class:`Executor`: :class:`LocalExecutor`, a process pool on this machine, or
+:class:`appbench.sweep_ray.RayExecutor` on a Ray cluster.
 
 The driver, :class:`Sweep`, owns the order, the progress bar and every file. The dense run
 (pruner ``none``) of each task x model x seed x discoverer is scheduled first, and a pruned
@@ -127,7 +128,18 @@ class SweepSpec(BaseModel):
     device: str = Field(default="cpu", pattern=DEVICE_PATTERN, description="torch device")
     out: str = Field(default=DEFAULT_OUT, min_length=1, description="results folder")
     jobs: int | None = Field(default=None, ge=1, description="runs at once (workers)")
-    executor: Literal["local"] = Field(default="local", description="where runs compute")
+    executor: Literal["local", "ray"] = Field(default="local", description="where runs compute")
+    address: str | None = Field(default=None, description="Ray cluster address (executor ray)")
+    cpus_per_run: float | None = Field(
+        default=None, gt=0, description="CPUs each Ray task declares (default: by model size)"
+    )
+    gpus_per_run: float | None = Field(
+        default=None, ge=0, description="GPUs each Ray task declares (default: by device and size)"
+    )
+    ray_runtime_env: dict[str, Any] | None = Field(
+        default=None,
+        description="Ray runtime environment of the workers (pip, env_vars, working_dir, ...)",
+    )
     retries: int = Field(
         default=1,
         ge=0,
@@ -754,7 +766,22 @@ class LocalExecutor(Executor):
 
 
 def make_executor(spec: SweepSpec) -> Executor:
-    """The executor ``spec.executor`` names."""
+    """The executor ``spec.executor`` names; Ray is imported only when asked for (missing:
+    one SweepError line saying how to install it)."""
+    if spec.executor == "ray":
+        from appbench.sweep_ray import RayExecutor
+
+        return RayExecutor(
+            address=spec.address,
+            jobs=spec.jobs,
+            cpus_per_run=spec.cpus_per_run,
+            gpus_per_run=spec.gpus_per_run,
+            runtime_env=spec.ray_runtime_env,
+        )
+    ray_only = ["address", "cpus_per_run", "gpus_per_run", "ray_runtime_env"]
+    given = [key for key in ray_only if getattr(spec, key) is not None]
+    if given:
+        raise SweepError(f"{', '.join(given)}: for --executor ray only")
     return LocalExecutor(jobs=spec.jobs)
 
 
@@ -828,6 +855,37 @@ class Summary:
         )
 
 
+class _DeferredInterrupt:
+    """Ctrl-C (SIGINT) during a sweep, taken at a safe point: the first one sets
+    ``requested``, which the driver reads between steps, so that a result being written is
+    also recorded as done; a second one interrupts at once. Only in the main thread (signals
+    go there); elsewhere KeyboardInterrupt stays as it is."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _DeferredInterrupt:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 class Sweep:
     """The driver: schedules a plan's runs on an executor and writes their results.
 
@@ -871,7 +929,6 @@ class Sweep:
         in_flight: set[str] = set()
         retries = self.plan.spec.retries
         summary = Summary(self.plan, [records[job.key] for job in self.plan.jobs], "")
-        summary.executor = self.executor.describe()
         bar = tqdm(
             total=len(todo),
             desc="sweep",
@@ -912,8 +969,17 @@ class Sweep:
             if outcome.result is not None:
                 try:
                     result = RunResult.model_validate_json(outcome.result)
-                    if settings_hash(result_settings(result)) != job.hash:
-                        error = "its result records other settings than planned"
+                    theirs = result_settings(result)
+                    if settings_hash(theirs) != job.hash:
+                        error = (
+                            "its result records other settings than planned ("
+                            + "; ".join(
+                                f"{key} {theirs.get(key)!r} there, {value!r} here"
+                                for key, value in job.settings.items()
+                                if theirs.get(key) != value
+                            )
+                            + "): does the worker run this appbench and these plugins?"
+                        )
                         result = None
                     else:
                         save_result(result, job.path)
@@ -944,22 +1010,27 @@ class Sweep:
             if failed:
                 bar.set_postfix(failed=failed, refresh=False)
 
+        interrupt = _DeferredInterrupt()
         try:
-            if todo:
-                self.executor.start()
-            while pending or in_flight:
-                for job in list(pending):
-                    if len(in_flight) >= self.executor.slots:
-                        break
-                    if ready(job):
-                        pending.remove(job)
-                        submit(job)
-                for outcome in self.executor.wait(timeout=0.5):
-                    finish(outcome)
+            with interrupt:
+                if todo:
+                    self.executor.start()
+                    summary.executor = self.executor.describe()
+                while (pending or in_flight) and not interrupt.requested:
+                    for job in list(pending):
+                        if len(in_flight) >= self.executor.slots:
+                            break
+                        if ready(job):
+                            pending.remove(job)
+                            submit(job)
+                    for outcome in self.executor.wait(timeout=0.5):
+                        finish(outcome)
         except KeyboardInterrupt:
-            summary.interrupted = True
-            self.executor.stop()
+            interrupt.requested = True
         finally:
+            if interrupt.requested:
+                summary.interrupted = True
+                self.executor.stop()
             bar.close()
             self.executor.close()
         summary.wall_seconds = time.perf_counter() - started

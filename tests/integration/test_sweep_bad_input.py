@@ -66,6 +66,9 @@ CASES = [
     ("device-word", [*GRID, "--device", "gpu"], "is not a device"),
     ("device-absent", [*GRID, "--device", "cuda:7"], "is not available"),
     ("executor-unknown", [*GRID, "--executor", "slurm"], "is not one of"),
+    ("address-without-ray", [*GRID, "--address", "ray://head:10001"], "for --executor ray only"),
+    ("gpus-without-ray", [*GRID, "--gpus-per-run", "1"], "gpus_per_run: for --executor ray"),
+    ("cpus-per-run-zero", [*GRID, "--executor", "ray", "--cpus-per-run", "0"], "not in the range"),
     ("out-empty", [*GRID, "--out", ""], "an empty folder name"),
     ("out-under-a-file", [*GRID, "--out", "{root}/a-file/results"], "cannot write results"),
     ("config-missing", [*GRID, "--config", "{root}/missing.yaml"], "No such file"),
@@ -102,4 +105,25 @@ def test_bad_sweep_input_is_one_line(files, args, text):
     assert outcome.exit_code == 2, outcome.output
     assert len(lines) == 1 and lines[0].startswith("Error: ") and text in lines[0], outcome.output
     assert "Traceback" not in outcome.output
+    assert not (files / "out").exists()
+
+
+def test_ray_missing_is_one_line(files, monkeypatch):
+    """Without Ray installed, --executor ray says how to get it, before any work."""
+    import builtins
+    import sys
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ModuleNotFoundError("No module named 'ray'", name="ray")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    outcome = invoke(*GRID, "--executor", "ray", "--out", str(files / "out"))
+    lines = outcome.output.strip().splitlines()
+    assert outcome.exit_code == 2 and len(lines) == 1, outcome.output
+    assert "pip install 'appbench[ray]'" in lines[0]
     assert not (files / "out").exists()
