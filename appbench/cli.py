@@ -1061,6 +1061,28 @@ def plot_command(result_files: tuple[Path, ...], out: Path | None) -> None:
 
 
 # ------------------------------------------------------------------------- sweep
+def _sweep_executor(spec: Any) -> Any:
+    """The executor ``spec.executor`` names (appbench.sweep.SweepSpec). Ray is imported only
+    when asked for; missing, it is one line saying how to install it."""
+    from appbench.sweep import LocalExecutor, SweepError
+
+    if spec.executor == "ray":
+        from appbench.sweep_ray import RayExecutor
+
+        return RayExecutor(
+            address=spec.address,
+            jobs=spec.jobs,
+            cpus_per_run=spec.cpus_per_run,
+            gpus_per_run=spec.gpus_per_run,
+            runtime_env=spec.ray_runtime_env,
+        )
+    ray_only = ["address", "cpus_per_run", "gpus_per_run", "ray_runtime_env"]
+    given = [key for key in ray_only if getattr(spec, key) is not None]
+    if given:
+        raise SweepError(f"{', '.join(given)}: for --executor ray only")
+    return LocalExecutor(jobs=spec.jobs)
+
+
 @cli.command()
 @click.option(
     "--pruners",
@@ -1266,7 +1288,7 @@ def sweep(
         else:
             click.echo(sweeping.describe_plan(plan, found))
         return
-    runner = sweeping.make_executor(spec)  # Ray missing: one line, before any work
+    runner = _sweep_executor(spec)  # Ray missing: one line, before any work
     sweeping.check_conflicts(plan, found)
     sweeping.check_writable(plan.out)
     with results_only_on_stdout():

@@ -765,26 +765,6 @@ class LocalExecutor(Executor):
             self._pool = None
 
 
-def make_executor(spec: SweepSpec) -> Executor:
-    """The executor ``spec.executor`` names; Ray is imported only when asked for (missing:
-    one SweepError line saying how to install it)."""
-    if spec.executor == "ray":
-        from appbench.sweep_ray import RayExecutor
-
-        return RayExecutor(
-            address=spec.address,
-            jobs=spec.jobs,
-            cpus_per_run=spec.cpus_per_run,
-            gpus_per_run=spec.gpus_per_run,
-            runtime_env=spec.ray_runtime_env,
-        )
-    ray_only = ["address", "cpus_per_run", "gpus_per_run", "ray_runtime_env"]
-    given = [key for key in ray_only if getattr(spec, key) is not None]
-    if given:
-        raise SweepError(f"{', '.join(given)}: for --executor ray only")
-    return LocalExecutor(jobs=spec.jobs)
-
-
 # ------------------------------------------------------------------------ the driver
 Status = Literal["done", "skipped", "failed", "cancelled"]
 
@@ -928,7 +908,9 @@ class Sweep:
         waiting = {job.key for job in todo}  # not finished yet: their dependants wait
         in_flight: set[str] = set()
         retries = self.plan.spec.retries
-        summary = Summary(self.plan, [records[job.key] for job in self.plan.jobs], "")
+        summary = Summary(
+            self.plan, [records[job.key] for job in self.plan.jobs], self.executor.describe()
+        )
         bar = tqdm(
             total=len(todo),
             desc="sweep",
