@@ -1087,12 +1087,13 @@ def _sweep_executor(spec: Any) -> Any:
 @click.option(
     "--pruners",
     default=None,
-    help="Pruners, comma-separated, or all. The dense baseline none always runs too. [config: pruners]",
+    help="Pruners, comma-separated, or all (or pruners: in --config). The dense baseline none "
+    "always runs too.",
 )
 @click.option(
     "--discoverers",
     default=None,
-    help="Discoverers, comma-separated, or all. [config: discoverers]",
+    help="Discoverers, comma-separated, or all (or discoverers: in --config).",
 )
 @click.option("--tasks", default=None, help="Tasks, comma-separated, or all. [default: ioi]")
 @click.option(
