@@ -1060,6 +1060,255 @@ def plot_command(result_files: tuple[Path, ...], out: Path | None) -> None:
             click.echo(str(target))
 
 
+# ------------------------------------------------------------------------- sweep
+def _sweep_executor(spec: Any) -> Any:
+    """The executor ``spec.executor`` names (appbench.sweep.SweepSpec). Ray is imported only
+    when asked for; missing, it is one line saying how to install it."""
+    from appbench.sweep import LocalExecutor, SweepError
+
+    if spec.executor == "ray":
+        from appbench.sweep_ray import RayExecutor
+
+        return RayExecutor(
+            address=spec.address,
+            jobs=spec.jobs,
+            cpus_per_run=spec.cpus_per_run,
+            gpus_per_run=spec.gpus_per_run,
+            runtime_env=spec.ray_runtime_env,
+        )
+    ray_only = ["address", "cpus_per_run", "gpus_per_run", "ray_runtime_env"]
+    given = [key for key in ray_only if getattr(spec, key) is not None]
+    if given:
+        raise SweepError(f"{', '.join(given)}: for --executor ray only")
+    return LocalExecutor(jobs=spec.jobs)
+
+
+@cli.command()
+@click.option(
+    "--pruners",
+    default=None,
+    help="Pruners, comma-separated, or all (or pruners: in --config). The dense baseline none "
+    "always runs too.",
+)
+@click.option(
+    "--discoverers",
+    default=None,
+    help="Discoverers, comma-separated, or all (or discoverers: in --config).",
+)
+@click.option("--tasks", default=None, help="Tasks, comma-separated, or all. [default: ioi]")
+@click.option(
+    "--models",
+    default=None,
+    help="Models, comma-separated; default = each task's default model, all = every "
+    "registered model. [default: default]",
+)
+@click.option(
+    "--seeds",
+    default=None,
+    help="Prompt seeds, comma-separated, ranges A-B allowed; default = each task's own. "
+    "[default: default]",
+)
+@click.option(
+    "-p",
+    "pruner_params",
+    type=(str, str),
+    multiple=True,
+    metavar="KEY VALUE",
+    help="Parameter of every pruner but none (per pruner: pruner_params in --config).",
+)
+@click.option(
+    "-d",
+    "discoverer_params",
+    type=(str, str),
+    multiple=True,
+    metavar="KEY VALUE",
+    help="Parameter of every discoverer (per discoverer: discoverer_params in --config).",
+)
+@click.option(
+    "--n-search",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Search prompts per run (default: each task's).",
+)
+@click.option(
+    "--n-eval",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Evaluation prompts per run (default: each task's).",
+)
+@click.option(
+    "--device",
+    type=DEVICE,
+    default=None,
+    help="Torch device: cpu, cuda, cuda:N or mps. [default: cpu]",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    callback=_named_folder,
+    help="Results folder; files go to OUT/seed-N/<task>/<model>/<pruner>__<discoverer>.json. "
+    "[default: appbench-sweep]",
+)
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Runs at once: worker processes (local; default min(2, CPUs)) or Ray tasks in "
+    "flight (ray; default: the cluster's CPUs).",
+)
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default=None,
+    help="Where runs compute: local (a process pool) or ray (a Ray cluster: pip install "
+    "'appbench[ray]'). [default: local]",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster address for --executor ray (ray://HEAD:10001, HEAD:6379 or auto); "
+    "default: RAY_ADDRESS, else a Ray started here.",
+)
+@click.option(
+    "--cpus-per-run",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="CPUs each Ray task declares (default: 1, more for models over 1 GiB).",
+)
+@click.option(
+    "--gpus-per-run",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="GPUs each Ray task declares (default: 1 on cuda, 0.25 for models under 256 MiB; "
+    "0 on cpu).",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Resubmissions of a run whose worker died or that failed in a way that may not "
+    "recur (not of runs refused for their input). [default: 1]",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="YAML file with the same keys (pruners, discoverers, tasks, models, seeds, "
+    "pruner_params, discoverer_params, n_search, n_eval, device, out, jobs, executor, "
+    "address, cpus_per_run, gpus_per_run, ray_runtime_env, retries); options given here override it.",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Rerun runs whose result files hold runs of other settings, replacing them "
+    "(refused otherwise, before any work).",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print the plan (what runs, what is skipped) and stop."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of a table.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sweep(
+    pruners: str | None,
+    discoverers: str | None,
+    tasks: str | None,
+    models: str | None,
+    seeds: str | None,
+    pruner_params: tuple[tuple[str, str], ...],
+    discoverer_params: tuple[tuple[str, str], ...],
+    n_search: int | None,
+    n_eval: int | None,
+    device: str | None,
+    out: Path | None,
+    jobs: int | None,
+    executor: str | None,
+    address: str | None,
+    cpus_per_run: float | None,
+    gpus_per_run: float | None,
+    retries: int | None,
+    config_file: Path | None,
+    overwrite: bool,
+    dry_run: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Run a grid of pruners x discoverers x tasks x models x seeds, resumably.
+
+    Runs whose result files already record the same settings are skipped, so the same
+    command run again after a crash, a kill or Ctrl-C resumes where it stopped (at most the
+    runs in flight are lost). The dense run (pruner none) of each discoverer runs first and
+    each pruned run after it, so every speedup has its baseline. A failed run is reported in
+    one line and the sweep goes on; the exit code is then 1 (130 after Ctrl-C).
+
+    \b
+    Examples:
+      appbench sweep --pruners magnitude,cflap --discoverers actpatch,pathpatch --seeds 1-3
+      appbench sweep --config sweep.yaml --jobs 2
+      appbench sweep --config sweep.yaml --executor ray --address ray://head:10001
+      appbench sweep --pruners all --discoverers actpatch --models default --dry-run
+    """
+    from appbench import sweep as sweeping
+
+    file = sweeping.read_spec_file(config_file) if config_file is not None else {}
+    spec = sweeping.make_spec(
+        file,
+        {
+            "pruners": pruners,
+            "discoverers": discoverers,
+            "tasks": tasks,
+            "models": models,
+            "seeds": seeds,
+            "n_search": n_search,
+            "n_eval": n_eval,
+            "device": device,
+            "out": None if out is None else str(out),
+            "jobs": jobs,
+            "executor": executor,
+            "address": address,
+            "cpus_per_run": cpus_per_run,
+            "gpus_per_run": gpus_per_run,
+            "retries": retries,
+        },
+        source=f"--config {config_file}",
+    )
+    with results_only_on_stdout():
+        plan = sweeping.plan(
+            spec,
+            _params(pruner_params),
+            _params(discoverer_params),
+            command=shlex.join(["appbench", *sys.argv[1:]]),
+        )
+        found = sweeping.inspect(plan, overwrite=overwrite)
+    if dry_run:
+        if as_json:
+            rows = sweeping.plan_rows(plan, found)
+            click.echo(json.dumps({"out": str(plan.out), "runs": rows}, indent=2))
+        else:
+            click.echo(sweeping.describe_plan(plan, found))
+        return
+    runner = _sweep_executor(spec)  # Ray missing: one line, before any work
+    sweeping.check_conflicts(plan, found)
+    sweeping.check_writable(plan.out)
+    with results_only_on_stdout():
+        summary = sweeping.Sweep(plan, found, runner, progress=not quiet).run()
+    if as_json:
+        click.echo(json.dumps(sweeping.summary_json(summary), indent=2))
+    else:
+        click.echo(sweeping.summary_table(summary))
+    if summary.interrupted:
+        counts = summary.counts()
+        fail(
+            f"interrupted ({counts['done']} done now, {counts['cancelled']} cancelled); run "
+            "the same command again to resume",
+            130,
+        )
+    if summary.count("failed"):
+        fail(f"{summary.count('failed')} of {len(summary.records)} runs failed (see above)", 1)
+
+
 def _register_plugin_commands() -> None:
     from appbench.plugins import get_plugin_manager
 

@@ -407,6 +407,25 @@ def _unknown_model(name: str, registered: list[str]) -> ModelLoadError:
     )
 
 
+def check_model_name(name: str) -> None:
+    """Raise the ModelLoadError :func:`load_model` would for a name that names no model,
+    without loading anything (a sweep checks every model before its first run): a local
+    directory, a registered model or a TransformerLens name passes."""
+    from appbench.plugins import get_registries
+
+    if Path(name).expanduser().is_dir():
+        return
+    models = get_registries().models
+    if name in models:
+        return
+    if Path(name).expanduser().is_file():
+        raise ModelLoadError(f"{name}: a file, not a model directory")
+    if looks_like_path(name):
+        raise ModelLoadError(f"{name}: no such model directory")
+    if not is_transformer_lens_name(name):
+        raise _unknown_model(name, models.names())
+
+
 def load_model(name: str, device: str = "cpu") -> Any:
     """Load a local model directory, a registered model, else a TransformerLens model by name.
 

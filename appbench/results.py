@@ -351,14 +351,25 @@ def load_result(path: Path) -> RunResult:
     """Read a result file; a missing, unreadable, foreign or other-schema file is one
     ResultFileError line."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes()
+    except OSError as exc:
+        first = str(exc).splitlines()[0]
+        raise ResultFileError(f"{path}: not a valid appbench result ({first})") from exc
+    return parse_result(text, str(path))
+
+
+def parse_result(text: str | bytes, source: str) -> RunResult:
+    """A result from its JSON text (bytes are read as UTF-8), as :func:`load_result` reads a
+    file; ``source`` names where the text came from in the one-line ResultFileError."""
+    try:
+        data = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
         version = data.get("schema_version") if isinstance(data, dict) else None
         if version is not None and version != SCHEMA_VERSION:
             raise ResultFileError(
-                f"{path}: result schema {version}, this appbench reads schema {SCHEMA_VERSION} "
+                f"{source}: result schema {version}, this appbench reads schema {SCHEMA_VERSION} "
                 "(run it again with this version)"
             )
         return RunResult.model_validate(data)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValidationError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, ValidationError) as exc:
         first = str(exc).splitlines()[0]
-        raise ResultFileError(f"{path}: not a valid appbench result ({first})") from exc
+        raise ResultFileError(f"{source}: not a valid appbench result ({first})") from exc

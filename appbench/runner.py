@@ -498,24 +498,52 @@ def _official_name(name: str) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """The dense run (``none__<discoverer>.json``) a pruned run's speedup is measured against.
+
+    :func:`run` reads it beside its own result file when the run ends; a sweep's driver reads
+    it and hands it to a worker, which may be on a machine without the results folder.
+
+    Attributes:
+        path: the dense run's result file, as the speedup records it.
+        result: the dense run, or None when the file is not a readable result.
+        problem: why it is not (one line), flagged as ``speedup-refused``.
+    """
+
+    path: str
+    result: RunResult | None
+    problem: str | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> Baseline:
+        """The dense run in ``path`` (unreadable: ``result`` None and the reason)."""
+        try:
+            return cls(str(path), load_result(path))
+        except ResultFileError as exc:
+            return cls(str(path), None, str(exc))
+
+    @classmethod
+    def beside(cls, path: Path, discoverer: str) -> Baseline | None:
+        """The dense run of ``discoverer`` in the folder of result ``path``, if it has one."""
+        base = path.with_name(f"none__{discoverer}.json")
+        return cls.read(base) if base.is_file() else None
+
+
 def _speedup(
     run: dict[str, Any],
     cost: dict[str, StageCost],
-    path: Path,
+    baseline: Baseline | None,
     flag: Callable[[str, str], None],
 ) -> Speedup | None:
-    """Compare with ``none__<discoverer>.json`` beside ``path``; refused, with a flag naming
-    every difference, when that run is not the same search without pruning (other prompts,
-    seed, discoverer parameters, task or code version)."""
-    if run["pruner"] == "none":
+    """Compare with the dense run ``baseline``; refused, with a flag naming every difference,
+    when that run is not the same search without pruning (other prompts, seed, discoverer
+    parameters, task or code version)."""
+    if run["pruner"] == "none" or baseline is None:
         return None
-    base_path = path.with_name(f"none__{run['discoverer']}.json")
-    if not base_path.is_file():
-        return None
-    try:
-        base = load_result(base_path)
-    except ResultFileError as exc:
-        flag("speedup-refused", f"no speedup: {exc}")
+    base_path, base = baseline.path, baseline.result
+    if base is None:
+        flag("speedup-refused", f"no speedup: {baseline.problem}")
         return None
     differences = baseline_differences(run, base)
     if differences:
@@ -530,7 +558,7 @@ def _speedup(
 
     wall = metrics.speedup(total(base.cost, "wall_seconds"), total(cost, "wall_seconds"))
     return Speedup(
-        baseline=str(base_path),
+        baseline=base_path,
         wall_ratio=wall.ratio,
         wall_percent=wall.percent,
         prompt_passes_ratio=metrics.speedup(
@@ -599,20 +627,50 @@ def _library_versions() -> dict[str, str]:
     return versions
 
 
-def _resolve(cfg: RunConfig) -> tuple[type[Pruner], Params, type[Discoverer], Params, Any]:
+@dataclass(frozen=True)
+class Resolved:
+    """A run's plugins, validated parameters, task and seed: everything checked before any
+    model loads (see :func:`resolve`)."""
+
+    pruner: type[Pruner]
+    pruner_params: Params
+    discoverer: type[Discoverer]
+    discoverer_params: Params
+    task: Any
+    seed: int
+
+    def settings(self, cfg: RunConfig) -> dict[str, Any]:
+        """The settings a rerun at the same path must share (see :func:`check_output`)."""
+        return {
+            "pruner_params": self.pruner_params.model_dump(mode="json"),
+            "discoverer_params": self.discoverer_params.model_dump(mode="json"),
+            "seed": self.seed,
+            "device": cfg.device,
+            **({"n_search": cfg.n_search} if cfg.n_search is not None else {}),
+            **({"n_eval": cfg.n_eval} if cfg.n_eval is not None else {}),
+        }
+
+
+def resolve(cfg: RunConfig) -> Resolved:
+    """Validate a run before any work: plugin and task names, parameters, the device, and the
+    task's shipped reference file for the model (a broken one fails here)."""
     from appbench.plugins import get_registries
 
     regs = get_registries()
     pruner_cls = regs.pruners.get(cfg.pruner)
     discoverer_cls = regs.discoverers.get(cfg.discoverer)
     task = regs.tasks.get(cfg.task)
-    return (
+    resolved = Resolved(
         pruner_cls,
         parse_params(pruner_cls, cfg.pruner_params),
         discoverer_cls,
         parse_params(discoverer_cls, cfg.discoverer_params),
         task,
+        task.spec.seed if cfg.seed is None else cfg.seed,
     )
+    check_device(cfg.device)
+    shipped_reference(task, cfg.model)
+    return resolved
 
 
 def check_output(cfg: RunConfig, path: Path, settings: dict[str, Any]) -> None:
@@ -650,36 +708,88 @@ def check_output(cfg: RunConfig, path: Path, settings: dict[str, Any]) -> None:
         )
 
 
-def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[RunResult, Path]:
+#: Loads a model by name onto a device, as :func:`appbench.models.load_model` does; a sweep's
+#: worker passes one that keeps the models it loaded before.
+ModelLoader = Callable[[str, str], Any]
+
+
+def run(
+    cfg: RunConfig,
+    log: Callable[[str], None] = lambda _: None,
+    *,
+    load: ModelLoader | None = None,
+) -> tuple[RunResult, Path]:
     """Run one pruner x discoverer combination end to end; returns the result and its file.
 
-    Names and parameters are validated before the model is loaded, so bad input fails fast.
+    Names and parameters are validated, and the output checked (:func:`check_output`), before
+    the model is loaded, so bad input fails fast. The work is :func:`execute`; the result is
+    written by :func:`save_result`, the speedup measured against the dense run beside it.
+
+    Args:
+        cfg: the run.
+        log: progress lines.
+        load: loads the model (default :func:`appbench.models.load_model`); it must return a
+            model no earlier run changed (runs remove their hooks and never train).
+    """
+    resolved = resolve(cfg)
+    path = result_path(cfg.out, cfg.task, cfg.model, cfg.pruner, cfg.discoverer)
+    check_output(cfg, path, resolved.settings(cfg))
+    result = execute(
+        cfg,
+        log,
+        resolved=resolved,
+        load=load,
+        baseline=lambda: Baseline.beside(path, cfg.discoverer),
+    )
+    save_result(result, path, log)
+    return result, path
+
+
+def save_result(result: RunResult, path: Path, log: Callable[[str], None] = lambda _: None) -> None:
+    """Write ``result`` to ``path`` atomically, then call the ``appbench_run_finished`` hooks
+    (a hook that fails is logged: it never loses the saved result)."""
+    from appbench.plugins import get_plugin_manager
+
+    result.save(path)
+    for impl in get_plugin_manager().hook.appbench_run_finished.get_hookimpls():
+        try:
+            impl.function(result=result)
+        except Exception as exc:  # a logger must never lose a saved result
+            log(f"warning: appbench_run_finished hook of {impl.plugin_name} failed: {exc}")
+
+
+def execute(
+    cfg: RunConfig,
+    log: Callable[[str], None] = lambda _: None,
+    *,
+    resolved: Resolved | None = None,
+    load: ModelLoader | None = None,
+    baseline: Baseline | Callable[[], Baseline | None] | None = None,
+) -> RunResult:
+    """The work of a run, writing nothing: load, prune, discover, evaluate.
+
     Conditions that make a number meaningless (an empty circuit, an unfaithful reference, a
     refused speedup, ...) are recorded as flags in the result and logged as warnings.
+
+    Args:
+        cfg: the run (``out`` and ``overwrite`` are not read: writing is the caller's).
+        log: progress lines.
+        resolved: ``resolve(cfg)``, when the caller has it already.
+        load: loads the model (default :func:`appbench.models.load_model`).
+        baseline: the dense run to measure the speedup against, or a function called when
+            the run ends that returns it; none: no speedup.
     """
     import torch
 
     from appbench.engine.patching import PatchingEngine
     from appbench.models import load_model
-    from appbench.plugins import get_plugin_manager, plugin_infos
+    from appbench.plugins import plugin_infos
 
-    pruner_cls, pruner_params, discoverer_cls, discoverer_params, task = _resolve(cfg)
-    check_device(cfg.device)
-    shipped_reference(task, cfg.model)  # a broken reference file fails before any work is done
-    seed = task.spec.seed if cfg.seed is None else cfg.seed
-    path = result_path(cfg.out, cfg.task, cfg.model, cfg.pruner, cfg.discoverer)
-    check_output(
-        cfg,
-        path,
-        {
-            "pruner_params": pruner_params.model_dump(mode="json"),
-            "discoverer_params": discoverer_params.model_dump(mode="json"),
-            "seed": seed,
-            "device": cfg.device,
-            **({"n_search": cfg.n_search} if cfg.n_search is not None else {}),
-            **({"n_eval": cfg.n_eval} if cfg.n_eval is not None else {}),
-        },
-    )
+    resolved = resolved or resolve(cfg)
+    pruner_cls, pruner_params = resolved.pruner, resolved.pruner_params
+    discoverer_cls, discoverer_params = resolved.discoverer, resolved.discoverer_params
+    task, seed = resolved.task, resolved.seed
+    load = load or load_model
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise RunError(f"device {cfg.device!r} requested but CUDA is not available")
     cost: dict[str, StageCost] = {}
@@ -691,7 +801,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
 
     log(f"loading model {cfg.model} on {cfg.device}")
     with measure(None, cfg.device, cost, "load"):
-        model = load_model(cfg.model, cfg.device)
+        model = load(cfg.model, cfg.device)
         if getattr(model, "tokenizer", None) is None:
             raise RunError(f"model {cfg.model!r} has no tokenizer; tasks need one to build prompts")
         search, evaluation = task.splits(model.tokenizer, cfg.n_search, cfg.n_eval, seed)
@@ -805,10 +915,10 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
             "git_commit": provenance.git_commit,
         },
         cost,
-        path,
+        baseline() if callable(baseline) else baseline,
         flag,
     )
-    result = RunResult(
+    return RunResult(
         **fields,
         graph_config=graph_config(ctx.model.cfg),
         n_layers=ctx.n_layers,
@@ -828,10 +938,3 @@ def run(cfg: RunConfig, log: Callable[[str], None] = lambda _: None) -> tuple[Ru
         flags=flags,
         provenance=provenance,
     )
-    result.save(path)
-    for impl in get_plugin_manager().hook.appbench_run_finished.get_hookimpls():
-        try:
-            impl.function(result=result)
-        except Exception as exc:  # a logger must never lose a saved result
-            log(f"warning: appbench_run_finished hook of {impl.plugin_name} failed: {exc}")
-    return result, path
