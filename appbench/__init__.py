@@ -33,7 +33,7 @@ from appbench.engine.reference import (
     sender_scores_to_logits,
     sender_scores_to_receiver,
 )
-from appbench.errors import NotCausalError, RunError
+from appbench.errors import NotCausalError, PluginSkippedWarning, RunError
 from appbench.interfaces import Discoverer, Params, Pruner, RunContext
 from appbench.models import (
     ModelLoadError,
@@ -107,6 +107,7 @@ __all__ = [
     "PathPatcher",
     "PathPatchingBaseline",
     "PluginError",
+    "PluginSkippedWarning",
     "PromptPair",
     "Pruner",
     "ReferenceCircuit",

@@ -39,7 +39,7 @@ DEVICE = _Device()
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that are the user's input or environment, not appbench bugs: one line, exit 2."""
-    from appbench.errors import RunError
+    from appbench.errors import PluginSkippedWarning, RunError
     from appbench.interchange import InterchangeError
     from appbench.models import ModelLoadError
     from appbench.registry import PluginError, UnknownNameError
@@ -54,6 +54,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         RunError,
         ResultFileError,
         InterchangeError,
+        PluginSkippedWarning,  # under -W error
     )
 
 
@@ -252,20 +253,24 @@ def list_command(kind: str | None, as_json: bool) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plugins(as_json: bool) -> None:
-    """Show loaded plugins with their distributions and versions."""
-    from appbench.plugins import plugin_infos
+    """Show plugins with their distributions and versions: the loaded ones, then those skipped
+    because they are broken, with the error (status `skipped: ...`)."""
+    from appbench.plugins import plugin_infos, skipped_plugins
 
-    infos = [info.__dict__ for info in plugin_infos()]
+    infos = [{**info.__dict__, "status": "loaded", "error": None} for info in plugin_infos()]
+    infos += [{**s.__dict__, "status": "skipped"} for s in skipped_plugins()]
     if as_json:
         click.echo(json.dumps(infos, indent=2))
         return
     from tabulate import tabulate
 
-    click.echo(
-        tabulate(
-            [list(i.values()) for i in infos], headers=["name", "module", "distribution", "version"]
-        )
-    )
+    rows = [
+        [i["name"], i["module"], i["dist"], i["version"], i["status"]]
+        if i["error"] is None
+        else [i["name"], i["module"], i["dist"], i["version"], f"skipped: {i['error']}"]
+        for i in infos
+    ]
+    click.echo(tabulate(rows, headers=["name", "module", "distribution", "version", "status"]))
 
 
 def _named_folder(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | None:
@@ -1310,13 +1315,36 @@ def sweep(
 
 
 def _register_plugin_commands() -> None:
-    from appbench.plugins import get_plugin_manager
+    from appbench.plugins import register_commands
 
-    get_plugin_manager().hook.appbench_register_commands(cli=cli)
+    register_commands(cli)
+
+
+def _plugin_warnings_on_one_line() -> None:
+    """A skipped plugin is one line on stderr, not Python's two-line warning format."""
+    import warnings
+
+    from appbench.errors import PluginSkippedWarning
+
+    original = warnings.formatwarning
+
+    def format_warning(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        line: str | None = None,
+    ) -> str:
+        if issubclass(category, PluginSkippedWarning):
+            return f"{message}\n"
+        return original(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
 
 
 def main() -> None:
     """Console entry point."""
+    _plugin_warnings_on_one_line()
     try:
         _register_plugin_commands()
     except _user_errors() as exc:

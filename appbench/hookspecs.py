@@ -24,13 +24,14 @@ hookspec = pluggy.HookspecMarker("appbench")
 def appbench_register_pruners(register: Callable[[type], None]) -> None:
     """Register pruner classes.
 
-    Called once, the first time any registry is needed (``appbench list``, ``appbench run``).
+    Called once, when the plugin is loaded (the first time appbench needs any plugin).
 
     Args:
         register: call ``register(SomePruner)`` for each :class:`appbench.Pruner` subclass.
             It raises :class:`appbench.PluginError` when the class is malformed (no ``name``,
             ``summary`` or described ``Params``) or its name is already taken; the error names
-            both owners.
+            both owners. A plugin whose registration hook raises is skipped whole (nothing it
+            registered is kept) with one :class:`appbench.PluginSkippedWarning`.
     """
 
 
@@ -75,7 +76,8 @@ def appbench_register_commands(cli: click.Group) -> None:
     """Add click commands to the ``appbench`` group.
 
     Called when the CLI starts. Import heavy libraries inside the commands, not at module
-    level, so that ``appbench --help`` stays fast.
+    level, so that ``appbench --help`` stays fast. A third-party plugin whose implementation
+    raises is skipped whole, with one :class:`appbench.PluginSkippedWarning`.
 
     Args:
         cli: the root click group; use ``@cli.command()`` or ``cli.add_command(...)``.

@@ -439,7 +439,18 @@ def load_model(name: str, device: str = "cpu") -> Any:
         return load_hf_directory(name, device)
     models = get_registries().models
     if name in models:
-        return models.get(name).loader(device)
+        entry = models.entry(name)
+        try:
+            return entry.obj.loader(device)
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            # A plugin's loader that crashes: one line naming the plugin and its distribution.
+            what = type(exc).__name__ + (f": {_first_line(exc)}" if str(exc).strip() else "")
+            raise ModelLoadError(
+                f"model '{name}' from {entry.owner} failed to load: {what} "
+                "(rerun with --debug for the traceback)"
+            ) from exc
     if Path(name).expanduser().is_file():
         raise ModelLoadError(f"{name}: a file, not a model directory")
     if looks_like_path(name):

@@ -50,7 +50,8 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
 
-    def add(self, name: str, obj: T, owner: str) -> None:
+    def check(self, name: str, owner: str) -> None:
+        """Raise the error :meth:`add` would raise for ``name``: a malformed or taken name."""
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
             raise PluginError(
                 f"{owner}: {self.kind} name {name!r} must match {NAME_PATTERN.pattern}"
@@ -60,7 +61,14 @@ class Registry(Generic[T]):
             raise PluginError(
                 f"{self.kind} '{name}' is registered twice: by {first} and by {owner}"
             )
+
+    def add(self, name: str, obj: T, owner: str) -> None:
+        self.check(name, owner)
         self._entries[name] = Entry(name, obj, owner)
+
+    def remove_owner(self, owner: str) -> None:
+        """Forget everything ``owner`` registered (a plugin withdrawn after loading)."""
+        self._entries = {n: e for n, e in self._entries.items() if e.owner != owner}
 
     def get(self, name: str) -> T:
         return self.entry(name).obj

@@ -75,11 +75,11 @@ def test_duplicate_plugin_name_names_both_owners(fresh_plugins):
     class Imposter(FirstLayerPruner):
         name = "magnitude"
 
-    fresh_plugins.register_plugin(make_plugin(Imposter), "imposter")
     with pytest.raises(PluginError) as err:
-        fresh_plugins.get_registries()
+        fresh_plugins.register_plugin(make_plugin(Imposter), "imposter")
     message = str(err.value)
     assert "plugin 'magnitude' (appbench" in message and "plugin 'imposter'" in message
+    assert fresh_plugins.get_registries().pruners.entry("magnitude").obj is not Imposter
 
 
 def test_autoload_switch_skips_third_party_entry_points(fresh_plugins, monkeypatch):
