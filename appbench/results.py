@@ -305,6 +305,19 @@ def write_atomically(path: Path, text: str | bytes) -> None:
         pass
 
 
+def ensure_writable(folder: Path) -> None:
+    """Create ``folder`` and prove a file can be written there (a probe file, removed at
+    once), so that a run or a sweep fails before any work rather than when saving.
+
+    Raises:
+        OSError: the folder cannot be created or written.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, probe = tempfile.mkstemp(dir=folder, prefix=".appbench-probe.", suffix=".tmp")
+    os.close(handle)
+    os.unlink(probe)
+
+
 def remove_orphans(path: Path) -> list[Path]:
     """Remove the temporary files that dead processes left while writing ``path``
     (``.<name>.<pid>.*.tmp``), and the fixed-name ``<name>.tmp`` of appbench before 0.4."""

@@ -38,6 +38,7 @@ from appbench.results import (
     RunResult,
     Speedup,
     StageCost,
+    ensure_writable,
     load_result,
     result_path,
 )
@@ -677,15 +678,9 @@ def check_output(cfg: RunConfig, path: Path, settings: dict[str, Any]) -> None:
     """Before any work: the result's folder can be written, and a result already at ``path``
     is of the same ``settings`` (a rerun), unless ``cfg.overwrite``. A file there that is not
     a readable result holds nothing to lose and is replaced."""
-    import os
-    import tempfile
-
     folder = path.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=folder, prefix=".appbench-probe.", suffix=".tmp")
-        os.close(handle)
-        os.unlink(probe)
+        ensure_writable(folder)
     except OSError as exc:
         raise RunError(
             f"--out {cfg.out}: cannot write results in {folder} ({exc.strerror or exc})"

@@ -38,7 +38,13 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from appbench.errors import RunError
-from appbench.results import ResultFileError, RunResult, load_result, result_path
+from appbench.results import (
+    ResultFileError,
+    RunResult,
+    ensure_writable,
+    load_result,
+    result_path,
+)
 from appbench.runner import (
     DEFAULT_TASK,
     DEVICE_PATTERN,
@@ -485,13 +491,8 @@ def check_conflicts(plan: Plan, found: dict[str, Found]) -> None:
 
 def check_writable(out: Path) -> None:
     """The results folder can be created and written, before any work."""
-    import tempfile
-
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(dir=out, prefix=".appbench-probe.", suffix=".tmp")
-        os.close(handle)
-        os.unlink(probe)
+        ensure_writable(out)
     except OSError as exc:
         raise SweepError(
             f"--out {out}: cannot write results there ({exc.strerror or exc})"
