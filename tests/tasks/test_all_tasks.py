@@ -133,7 +133,8 @@ def test_the_metric_on_its_own_columns_equals_the_metric_on_all_logits(name):
     from appbench import load_model
     from appbench.engine.patching import PatchingEngine
 
-    model = load_model("zoo-multitask")
+    # zoo-multitask runs every built-in task; an installed plugin task names its own model.
+    model = load_model(get_registries().tasks.get(name).spec.default_model or "zoo-multitask")
     task = get_registries().tasks.get(name)
     data, _ = task.splits(model.tokenizer, n_search=20, n_eval=4)
     engine = PatchingEngine(model, task)
