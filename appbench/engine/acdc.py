@@ -24,13 +24,17 @@ grouped-query attention a k or v input is the key-value head's, shared by its gr
 
 Two drivers, same decisions:
 
-- :func:`acdc_reference`: one full forward pass per tested edge, in order. Obviously ACDC.
+- :func:`acdc_reference`: one full forward pass per tested edge, in order, each removed edge
+  subtracted from its receiver's input one sender at a time. Obviously ACDC.
 - :func:`acdc`: for each receiver, the candidate edges run in batches, variant k removing
   candidates 1..k on top of the current graph (speculating that each is removed, as most are;
   batches double while they are), starting at the receiver's layer from the clean run's
   cached residual stream (nothing below the receiver has been removed yet). Variant k's
   decision is exact while candidates 1..k-1 were indeed removed; at the first kept one the
-  rest are run again from there. Tests compare the two edge sets exactly.
+  rest are run again from there. A receiver input with more edges removed than kept is
+  rebuilt from the source residual stream plus its kept senders (the same sum, far fewer
+  terms late in the run), and logits are made at the target positions only. Tests compare
+  the two edge sets exactly.
 """
 
 from __future__ import annotations
@@ -51,7 +55,9 @@ from appbench.circuit import (
     connected_to_logits,
     model_graph,
 )
-from appbench.engine.attribution import has_mlps, receiver_inputs
+from appbench.engine.attribution import has_mlps, mlp_inputs, receiver_inputs, split_qkv_inputs
+from appbench.engine.fused import input_weights
+from appbench.engine.patching import logits_of_residual
 from appbench.engine.reference import input_head_index, metric_gap
 
 if TYPE_CHECKING:
@@ -76,15 +82,27 @@ class AcdcResult:
     removed: int
     distance: float
     forward_runs: int
+    #: FLOPs done outside the model's modules (input corrections), for the runner's count.
+    extra_flops: float = 0.0
     trace: list[tuple[str, float, bool]] = field(default_factory=list)
 
 
 class _Graph:
     """The model with a set of removed edges, run on a split's clean prompts."""
 
-    def __init__(self, model: Any, task: Task, data: TaskData, distance: Distance) -> None:
+    def __init__(
+        self, model: Any, task: Task, data: TaskData, distance: Distance, plain: bool = False
+    ) -> None:
         self.model, self.task, self.data, self.distance = model, task, data, distance
+        #: Run every variant as the definition reads (the reference) instead of the fast way.
+        self.plain = plain
+        #: FLOPs of the input corrections done outside the model's modules (W_O projections and
+        #: the weighted sums of the speculative variants), for the runner's count.
+        self.extra_flops = 0.0
         cfg = model.cfg
+        self.parallel = bool(getattr(cfg, "parallel_attn_mlp", False))
+        self._points: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._upstream: dict[Slot, list[Sender]] = {}
         self.n_layers, self.n_heads = int(cfg.n_layers), int(cfg.n_heads)
         self.mlps = has_mlps(cfg)
         self.w_o = model.W_O.detach()
@@ -168,6 +186,274 @@ class _Graph:
         layers' head activations ``z_before`` and MLP outputs ``mlp_before``), shared by every
         variant.
         """
+        runner = self._run_plain if self.plain else self._run_fast
+        logits = runner(variants, start, resid, z_before, mlp_before)
+        self.forward_runs += 1
+        return logits
+
+    def _run_fast(
+        self,
+        variants: Sequence[frozenset[Candidate]],
+        start: int,
+        resid: torch.Tensor | None,
+        z_before: Sequence[torch.Tensor],
+        mlp_before: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """:meth:`run`'s values at a fraction of :meth:`_run_plain`'s cost.
+
+        The edges every variant removes (all but the candidates being speculated on) are
+        applied once per receiver input, in whichever of two equal forms touches fewer senders:
+        the input minus the removed senders' ``current - source`` outputs, or the source
+        residual stream at that point plus the other senders' ``current - source`` outputs
+        (the residual stream is the sum of what its writers wrote, so the two are equal; late
+        in ACDC almost every edge is removed and the second form sums a handful). A sender
+        below ``start`` has the same output in every variant and is projected once, not K
+        times; the variants' own candidates are summed with one matmul; logits are made at
+        the target positions only.
+        """
+        k, n = len(variants), len(self.data)
+        common = frozenset.intersection(*variants) if variants else frozenset()
+        by_slot: dict[Slot, list[Sender]] = {}
+        for sender, slot in common:
+            by_slot.setdefault(slot, []).append(sender)
+        speculated: dict[Slot, dict[Sender, torch.Tensor]] = {}
+        for v, removed in enumerate(variants):
+            for sender, slot in removed - common:
+                masks = speculated.setdefault(slot, {})
+                if sender not in masks:
+                    masks[sender] = torch.zeros(k, dtype=torch.bool)
+                masks[sender][v] = True
+        pre, mid = self._source_points()
+        # Current outputs, [1, N, ...] below ``start`` (alike in every variant) and [K, N, ...]
+        # from ``start`` on, recorded by the hooks as the run reaches them.
+        z_now: dict[int, torch.Tensor] = {i: z[None] for i, z in enumerate(z_before)}
+        mlp_now: dict[int, torch.Tensor] = {i: m[None] for i, m in enumerate(mlp_before)}
+        embed = (self.embed_source if INPUT in self.ablated else self.resid_clean[0])[None]
+        ablated_heads = {
+            layer: [n.head for n in self.ablated if isinstance(n, Head) and n.layer == layer]
+            for layer in range(self.n_layers)
+        }
+
+        def keep_z(z: torch.Tensor, hook: Any) -> torch.Tensor:
+            layer = hook.layer()
+            if ablated_heads[layer]:
+                z = z.clone()
+                heads = ablated_heads[layer]
+                z.view(k, n, *z.shape[1:])[:, :, :, heads] = self.z_source[layer][:, :, heads]
+            z_now[layer] = z.view(k, n, *z.shape[1:])
+            return z
+
+        def keep_mlp(out: torch.Tensor, hook: Any) -> torch.Tensor:
+            layer = hook.layer()
+            if Mlp(layer) in self.ablated:
+                out = self.mlp_source[layer].repeat(k, 1, 1)
+            mlp_now[layer] = out.view(k, n, *out.shape[1:])
+            return out
+
+        def ablate_input(resid: torch.Tensor, hook: Any) -> torch.Tensor:
+            return self.embed_source.repeat(k, 1, 1)
+
+        def sent(senders: Sequence[Sender]) -> torch.Tensor | None:
+            """Sum of ``current - source`` outputs over ``senders``: [1 or K, N, T, d]."""
+            total: torch.Tensor | None = None
+            heads: dict[int, list[int]] = {}
+            others: list[Sender] = []
+            for sender in sorted(senders, key=lambda s: s.sort_key):
+                if isinstance(sender, Head):
+                    heads.setdefault(sender.layer, []).append(sender.head)
+                else:
+                    others.append(sender)
+            terms: list[tuple[tuple[int, int], torch.Tensor]] = []
+            for layer, hs in heads.items():
+                diff = (
+                    z_now[layer][:, :, :, hs] - self.z_source[layer][None][:, :, :, hs]
+                ).flatten(-2)
+                w_o = self.w_o[layer, hs].flatten(0, 1)
+                self.extra_flops += 2 * diff.numel() * w_o.shape[-1]
+                terms.append(((layer, 0), diff @ w_o))
+            for sender in others:
+                if isinstance(sender, Mlp):
+                    out = mlp_now[sender.layer] - self.mlp_source[sender.layer][None]
+                    terms.append(((sender.layer, 1), out))
+                else:
+                    terms.append(((-1, 0), embed - self.embed_source[None]))
+            for _, term in sorted(terms, key=lambda t: t[0]):
+                total = term if total is None else total + term
+            return total
+
+        def speculative(masks: dict[Sender, torch.Tensor]) -> torch.Tensor:
+            """Per variant, the sum of ``current - source`` over the candidates it removes."""
+            senders = sorted(masks, key=lambda s: s.sort_key)
+            outs = [sent([s]) for s in senders]
+            weights = torch.stack([masks[s] for s in senders], 1)  # [K, S]
+            if all(o is not None and o.shape[0] == 1 for o in outs):
+                shape = outs[0].shape[1:]  # type: ignore[union-attr]
+                stacked = torch.stack([o[0] for o in outs if o is not None]).flatten(1)
+                weights = weights.to(stacked.device, stacked.dtype)
+                self.extra_flops += 2 * k * stacked.numel()
+                return (weights @ stacked).view(k, *shape)
+            acc: torch.Tensor | None = None
+            for i, out in enumerate(outs):
+                assert out is not None
+                w = weights[:, i].to(out.device, out.dtype).view(k, 1, 1, 1)
+                acc = out * w if acc is None else acc + out * w
+            assert acc is not None
+            return acc
+
+        resid_now: dict[int, torch.Tensor] = {}
+
+        def keep_resid(resid: torch.Tensor, hook: Any) -> torch.Tensor:
+            resid_now[hook.layer()] = resid.view(k, n, *resid.shape[1:])
+            return resid
+
+        def rebuilt(kind: str | None, layer: int) -> list[tuple[Slot, Any]]:
+            """Per receiver input read at this hook, a function of the residual stream it
+            would read [K', N, T, d] giving what it reads with its edges removed."""
+            point = mid[layer] if kind == "mlp" and not self.parallel else pre[layer]
+            out: list[tuple[Slot, Any]] = []
+            slots = {sl for sl in by_slot if _at_hook(sl, kind, layer)}
+            slots |= {sl for sl in speculated if _at_hook(sl, kind, layer)}
+            for slot in sorted(slots, key=lambda sl: _slot_order((sl, None))):
+                removed = by_slot.get(slot, [])
+                gone = set(removed)
+                others = [s for s in self.upstream(slot) if s not in gone]
+                # Add the senders kept to the source stream, or subtract those removed.
+                add = len(others) + 1 < len(removed)
+                senders = others if add else removed
+                masks = speculated.get(slot)
+
+                def value(
+                    stream: torch.Tensor,
+                    add: bool = add,
+                    senders: list[Sender] = senders,
+                    masks: dict[Sender, torch.Tensor] | None = masks,
+                ) -> torch.Tensor:
+                    total = sent(senders)
+                    if add:
+                        stream = point[None] if total is None else point + total
+                    elif total is not None:
+                        stream = stream - total
+                    if masks:
+                        stream = stream - speculative(masks)
+                    return stream.expand(k, n, *point.shape[1:])
+
+                out.append((slot, value))
+            return out
+
+        def correct_stream(kind: str | None, layer: int) -> Callable[..., torch.Tensor] | None:
+            """Hook on an MLP's input or the final residual stream."""
+            plan = rebuilt(kind, layer)
+            if not plan:
+                return None
+            ((_, value),) = plan
+
+            def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
+                return value(x.view(k, n, *x.shape[1:])).reshape(x.shape)
+
+            return hook
+
+        def correct_qkv(kind: str, layer: int) -> Callable[..., torch.Tensor] | None:
+            """Hook on ``hook_{kind}``: the slices of receiver inputs with removed edges
+            recomputed from their own residual stream (the rest read the shared one)."""
+            from transformer_lens.utilities.attention import simple_attn_linear
+
+            plan = rebuilt(kind, layer)
+            if not plan:
+                return None
+            block = self.model.blocks[layer]
+            w, b = input_weights(block.attn, self.model.cfg, kind)
+
+            def hook(x: torch.Tensor, hook: Any) -> torch.Tensor:
+                x = x.clone()
+                for slot, value in plan:
+                    assert slot is not None
+                    stream = value(resid_now[layer]).reshape(k * n, *x.shape[1:2], -1)
+                    normed = block.ln1(stream)
+                    index = slot[2]
+                    part = simple_attn_linear(normed, w[index : index + 1], b[index : index + 1])
+                    self.extra_flops += (
+                        2 * normed.shape[:-1].numel() * normed.shape[-1] * w.shape[-1]
+                    )
+                    x[:, :, index] = part[:, :, 0]
+                return x
+
+            return hook
+
+        hooks: list[tuple[str, Any]] = []
+        if start == 0 and INPUT in self.ablated:
+            hooks.append(("blocks.0.hook_resid_pre", ablate_input))
+        corrections: list[tuple[str, Any]] = []
+        for layer in range(start, self.n_layers):
+            hooks.append((f"blocks.{layer}.hook_resid_pre", keep_resid))
+            hooks.append((f"blocks.{layer}.attn.hook_z", keep_z))
+            for kind in QKV:
+                corrections.append((f"blocks.{layer}.attn.hook_{kind}", correct_qkv(kind, layer)))
+            if self.mlps:
+                corrections.append((f"blocks.{layer}.hook_mlp_in", correct_stream("mlp", layer)))
+                hooks.append((f"blocks.{layer}.hook_mlp_out", keep_mlp))
+        last = self.n_layers - 1
+        corrections.append((f"blocks.{last}.hook_resid_post", correct_stream(None, self.n_layers)))
+        hooks += [(name, hook) for name, hook in corrections if hook is not None]
+        with (
+            torch.no_grad(),
+            split_qkv_inputs(self.model, False),
+            mlp_inputs(self.model),
+            self.model.hooks(fwd_hooks=hooks),
+        ):
+            if start == 0:
+                final = self.model(self.data.clean.repeat(k, 1), stop_at_layer=self.n_layers)
+            else:
+                assert resid is not None
+                final = self.model(
+                    resid.repeat(k, 1, 1), start_at_layer=start, stop_at_layer=self.n_layers
+                )
+        rows = torch.arange(k * n, device=final.device)
+        at_target = final[rows, self.data.target_pos.repeat(k)]
+        return logits_of_residual(self.model, at_target).view(k, n, -1)
+
+    def _source_points(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The residual stream [N, T, d] before each layer (and after the last) and between
+        each layer's attention and MLP, summed from the sources: what a receiver input reads
+        when every edge into it is removed. Made at the first run, so sources are set before."""
+        if self._points is None:
+            pre: list[torch.Tensor] = []
+            mid: list[torch.Tensor] = []
+            x = self.embed_source
+            b_o = self.model.b_O.detach()
+            with torch.no_grad():
+                for layer in range(self.n_layers):
+                    pre.append(x)
+                    z = self.z_source[layer]
+                    attn = torch.einsum("nthe,hed->ntd", z, self.w_o[layer]) + b_o[layer]
+                    mid.append(x + attn)
+                    x = (x + attn + self.mlp_source[layer]) if self.mlps else (x + attn)
+                pre.append(x)
+            self._points = (pre, mid)
+        return self._points
+
+    def upstream(self, slot: Slot) -> list[Sender]:
+        """Every node that writes into the residual stream a receiver input reads."""
+        if slot not in self._upstream:
+            layer = self.n_layers if slot is None else slot[0]
+            same_layer = slot is None or (slot[1] == "mlp" and not self.parallel)
+            nodes: list[Sender] = [INPUT]
+            for below in range(layer + 1 if same_layer and slot is not None else layer):
+                nodes += [Head(below, h) for h in range(self.n_heads)]
+                if self.mlps and below < layer:
+                    nodes.append(Mlp(below))
+            self._upstream[slot] = nodes
+        return self._upstream[slot]
+
+    def _run_plain(
+        self,
+        variants: Sequence[frozenset[Candidate]],
+        start: int,
+        resid: torch.Tensor | None,
+        z_before: Sequence[torch.Tensor],
+        mlp_before: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """:meth:`run` as the definition reads: every removed edge subtracted from its
+        receiver's input, one sender at a time."""
         k, n = len(variants), len(self.data)
         z_now: dict[int, torch.Tensor] = {i: z.repeat(k, 1, 1, 1) for i, z in enumerate(z_before)}
         mlp_now: dict[int, torch.Tensor] = {i: m.repeat(k, 1, 1) for i, m in enumerate(mlp_before)}
@@ -201,6 +487,7 @@ class _Graph:
             if isinstance(sender, Head):
                 current = z_now[sender.layer][:, :, sender.head]
                 source = self.z_source[sender.layer][:, :, sender.head].repeat(k, 1, 1)
+                self.extra_flops += 2 * current.numel() * self.w_o.shape[-1]
                 return (current - source) @ self.w_o[sender.layer, sender.head]
             if isinstance(sender, Mlp):
                 return mlp_now[sender.layer] - self.mlp_source[sender.layer].repeat(k, 1, 1)
@@ -257,7 +544,6 @@ class _Graph:
             else:
                 assert resid is not None
                 logits = self.model(resid.repeat(k, 1, 1), start_at_layer=start)
-        self.forward_runs += 1
         rows = torch.arange(k * n, device=logits.device)
         at_target = logits[rows, self.data.target_pos.repeat(k)]
         return at_target.view(k, n, -1)
@@ -270,17 +556,24 @@ class _ChunkedGraph:
     (the metric one through the split's mean metric)."""
 
     def __init__(
-        self, model: Any, task: Task, data: TaskData, distance: Distance, batch_size: int
+        self,
+        model: Any,
+        task: Task,
+        data: TaskData,
+        distance: Distance,
+        batch_size: int,
+        plain: bool = False,
     ) -> None:
         from appbench.engine.chunks import prompt_chunks
 
-        self.model, self.task, self.distance = model, task, distance
+        self.model, self.task, self.distance, self.plain = model, task, distance, plain
+        self.extra_flops = 0.0
         self.chunks = list(prompt_chunks(data, batch_size))
         self.n = len(data)
         self.n_layers = int(model.cfg.n_layers)
         full = corrupt = 0.0
         for chunk in self.chunks:
-            graph = _Graph(model, task, chunk, distance)
+            graph = _Graph(model, task, chunk, distance, plain)
             full += graph.m_full * len(chunk)
             corrupt += graph.m_corrupt * len(chunk)
         self.m_full, self.m_corrupt = full / self.n, corrupt / self.n
@@ -296,18 +589,32 @@ class _ChunkedGraph:
         """As :meth:`_Graph.values`, chunk by chunk."""
         totals = [0.0] * len(variants)
         for chunk in self.chunks:
-            graph = _Graph(self.model, self.task, chunk, self.distance)
+            graph = _Graph(self.model, self.task, chunk, self.distance, self.plain)
             if self.distance == "kl":
                 per = graph.values(variants, start)
             else:
                 # Back from the chunk's distance to its mean metric: m = m_full - d * gap.
                 per = [graph.m_full - d * graph.gap for d in graph.values(variants, start)]
             self.forward_runs += graph.forward_runs
+            self.extra_flops += graph.extra_flops
             totals = [t + v * len(chunk) for t, v in zip(totals, per, strict=True)]
         means = [t / self.n for t in totals]
         if self.distance == "kl":
             return means
         return [(self.m_full - m) / self.gap for m in means]
+
+
+def _at_hook(slot: Slot, kind: str | None, layer: int) -> bool:
+    """Whether ``slot`` is read at the hook of ``kind`` ("q", "k", "v", "mlp"; None: the
+    final residual stream, ``layer`` n_layers) in ``layer``."""
+    if slot is None:
+        return kind is None
+    return kind is not None and slot[0] == layer and slot[1] == kind
+
+
+def _slot_order(item: tuple[Slot, Any]) -> tuple[int, int]:
+    slot = item[0]
+    return (0, 0) if slot is None else (slot[0], slot[2])
 
 
 def _slot(cfg: Any, edge: Edge) -> Slot:
@@ -385,9 +692,9 @@ def _run_acdc(
     heads = frozenset(space)
     graph: _Graph | _ChunkedGraph
     if batch_size is not None and batch_size < len(data):
-        graph = _ChunkedGraph(model, task, data, distance, batch_size)
+        graph = _ChunkedGraph(model, task, data, distance, batch_size, plain=not batched)
     else:
-        graph = _Graph(model, task, data, distance)
+        graph = _Graph(model, task, data, distance, plain=not batched)
     cfg = model.cfg
     edges_of_graph = model_graph(cfg, full)
     out_slots: dict[Sender, list[tuple[Slot, Sender | None]]] = {}
@@ -454,6 +761,7 @@ def _run_acdc(
         removed=len(removed),
         distance=current,
         forward_runs=graph.forward_runs,
+        extra_flops=graph.extra_flops,
         trace=trace,
     )
 

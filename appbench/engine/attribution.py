@@ -47,10 +47,11 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def split_qkv_inputs(model: Any) -> Iterator[None]:
-    """Run ``model`` with per-head q/k/v inputs (``hook_q_input`` etc.), then restore it."""
+def split_qkv_inputs(model: Any, on: bool = True) -> Iterator[None]:
+    """Run ``model`` with per-head q/k/v inputs (``hook_q_input`` etc.; ``on=False``: one
+    shared input, whatever the model's setting), then restore it."""
     before = bool(model.cfg.use_split_qkv_input)
-    model.set_use_split_qkv_input(True)
+    model.set_use_split_qkv_input(on)
     try:
         yield
     finally:
@@ -62,20 +63,25 @@ def has_mlps(cfg: Any) -> bool:
 
 
 @contextmanager
-def receiver_inputs(model: Any) -> Iterator[None]:
-    """Run ``model`` with a hook on every receiver's own input copy (per-head q/k/v inputs and
-    each MLP's ``hook_mlp_in``), then restore it."""
+def mlp_inputs(model: Any) -> Iterator[None]:
+    """Run ``model`` with a hook on each MLP's own input (``hook_mlp_in``), then restore it."""
     if not has_mlps(model.cfg):
-        with split_qkv_inputs(model):
-            yield
+        yield
         return
     before = bool(model.cfg.use_hook_mlp_in)
     model.set_use_hook_mlp_in(True)
     try:
-        with split_qkv_inputs(model):
-            yield
+        yield
     finally:
         model.set_use_hook_mlp_in(before)
+
+
+@contextmanager
+def receiver_inputs(model: Any) -> Iterator[None]:
+    """Run ``model`` with a hook on every receiver's own input copy (per-head q/k/v inputs and
+    each MLP's ``hook_mlp_in``), then restore it."""
+    with split_qkv_inputs(model), mlp_inputs(model):
+        yield
 
 
 def _input_hook(layer: int, kind: str) -> str:

@@ -50,6 +50,24 @@ class Replacement:
     source: torch.Tensor
 
 
+def logits_of_residual(model: Any, resid: torch.Tensor) -> torch.Tensor:
+    """Logits [R, V] from final residual vectors [R, d_model], as the model's forward makes
+    them after its last block (final norm, unembedding, softcap): for the few positions a
+    metric reads instead of every position."""
+    return _softcapped(model, model.unembed(_final_norm(model, resid)[:, None, :])[:, 0, :])
+
+
+def _final_norm(model: Any, resid: torch.Tensor) -> torch.Tensor:
+    if model.cfg.normalization_type is None:
+        return resid
+    return model.ln_final(resid[:, None, :])[:, 0, :]
+
+
+def _softcapped(model: Any, logits: torch.Tensor) -> torch.Tensor:
+    softcap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
+    return softcap * torch.tanh(logits / softcap) if softcap > 0 else logits
+
+
 def z_hook_name(layer: int) -> str:
     return f"blocks.{layer}.attn.hook_z"
 
@@ -192,20 +210,13 @@ class PatchingEngine:
     ) -> torch.Tensor:
         """Logits from final residual vectors [R, d_model] -> [R, V] (final norm, softcap), or
         only the vocabulary ``columns`` given: [R, C]."""
-        model = self.model
-        x = resid[:, None, :]
-        if model.cfg.normalization_type is not None:
-            x = model.ln_final(x)
         if columns is None:
-            logits = model.unembed(x)[:, 0, :]
-        else:
-            unembed = model.unembed
-            logits = torch.addmm(unembed.b_U[columns], x[:, 0, :], unembed.W_U[:, columns])
-            self.extra_flops += 2 * logits.numel() * x.shape[-1]
-        softcap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
-        if softcap > 0:
-            logits = softcap * torch.tanh(logits / softcap)
-        return logits
+            return logits_of_residual(self.model, resid)
+        unembed = self.model.unembed
+        x = _final_norm(self.model, resid)
+        logits = torch.addmm(unembed.b_U[columns], x, unembed.W_U[:, columns])
+        self.extra_flops += 2 * logits.numel() * x.shape[-1]
+        return _softcapped(self.model, logits)
 
     def target_metric(self, data: TaskData, final: torch.Tensor) -> torch.Tensor:
         """Task metric per variant and prompt from the final residual at each prompt's target

@@ -98,6 +98,8 @@ class Acdc(Discoverer):
             full=params.graph == "full",
             batch_size=batch,
         )
+        # The input corrections run outside the model's modules: counted here.
+        ctx.engine.extra_flops += result.extra_flops
         details = {
             "edges_tested": result.tested,
             "edges_removed": result.removed,
@@ -139,6 +141,7 @@ def _sweep_entry(tau, result, ctx, space, params):
             full=params.graph == "full",
             batch_size=params.batch_size or auto_batch_size(ctx.model, ctx.search, 4),
         )
+        ctx.engine.extra_flops += result.extra_flops
     return {
         "tau": tau,
         "edges": sorted(e.id for e in result.edges),

@@ -269,3 +269,103 @@ def test_acdc_in_chunks_of_prompts_decides_as_on_the_whole_split(distance, full)
         ctx.model, ctx.task, ctx.search, dense, distance=distance, full=full, batch_size=5
     )
     assert plain.edges == whole.edges
+
+
+def _random_model(kind: str):
+    """A random float64 model with the toy vocabulary: MLPs and layer norms, attention only,
+    grouped-query attention, or attention and MLP in parallel (GPT-J style)."""
+    import torch
+
+    from appbench.models import build_model
+    from appbench.testing import toy_tokenizer
+
+    tokenizer = toy_tokenizer()
+    config = {
+        "n_layers": 3,
+        "n_heads": 4,
+        "d_model": 16,
+        "d_head": 4,
+        "d_mlp": 32,
+        "n_ctx": 8,
+        "d_vocab": len(tokenizer.get_vocab()),
+        "act_fn": "gelu",
+        "normalization_type": "LN",
+        "model_name": f"random-{kind}",
+    }
+    if kind == "attn-only":
+        config["attn_only"] = True
+    if kind == "gqa":
+        config.update(
+            n_key_value_heads=2,
+            normalization_type="RMS",
+            positional_embedding_type="rotary",
+            rotary_dim=4,
+        )
+    if kind == "parallel":
+        config["parallel_attn_mlp"] = True
+    torch.manual_seed(3)
+    model = build_model(config, tokenizer)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    model = model.double()
+    model.cfg.dtype = torch.float64
+    return model
+
+
+@pytest.mark.parametrize("kind", ["mlps", "attn-only", "gqa", "parallel"])
+@pytest.mark.parametrize("full", [True, False], ids=["full-graph", "head-graph"])
+def test_the_fast_corrections_give_the_plain_logits(kind, full):
+    """The engine's run (edges applied per receiver input in the cheaper of two equal forms,
+    q/k/v recomputed for corrected inputs only, logits at the targets) gives the logits of the
+    plain run (every removed edge subtracted from per-head input copies) for random edge sets:
+    few removed, almost all removed, speculative prefixes, from a later layer, ablated nodes."""
+    import random
+
+    import torch
+
+    from appbench.circuit import INPUT, Mlp, model_graph
+    from appbench.engine.acdc import _Graph, _slot
+    from appbench.testing import ToyTask
+
+    model = _random_model(kind)
+    task = ToyTask()
+    search, _ = task.splits(model.tokenizer)
+    data = search.select(list(range(6)))
+    cfg = model.cfg
+    every = sorted({(e.sender, _slot(cfg, e)) for e in model_graph(cfg, full)}, key=str)
+    rng = random.Random(0)
+    plain, fast = _Graph(model, task, data, "kl", plain=True), _Graph(model, task, data, "kl")
+
+    def same(variants, start=0, ablated=frozenset()):
+        kwargs = {}
+        if start:
+            kwargs = {
+                "start": start,
+                "resid": plain.resid_clean[start],
+                "z_before": plain.z_clean[:start],
+                "mlp_before": plain.mlp_clean[:start],
+            }
+        plain.ablated = fast.ablated = ablated
+        want, got = plain.run(variants, **kwargs), fast.run(variants, **kwargs)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+    for share in (0.1, 0.5, 0.97, 1.0):
+        common = frozenset(c for c in every if rng.random() < share)
+        extra = [c for c in every if c not in common]
+        prefixes = [common | frozenset(extra[:i]) for i in range(1, min(5, len(extra)) + 1)]
+        same([common, *prefixes] if prefixes else [common])
+        late = frozenset(c for c in common if c[1] is None or c[1][0] >= 2)
+        same([late, late | frozenset(c for c in extra if c[1] is None)], start=2)
+    # Every edge into one kind of input removed, the rest of the model live (so the senders'
+    # own outputs differ from their sources).
+    for kind in ("q", "k", "v", "mlp", None):
+        into = frozenset(
+            c
+            for c in every
+            if (c[1] is None if kind is None else c[1] is not None and c[1][1] == kind)
+        )
+        if into:
+            same([into, into - {next(iter(sorted(into, key=str)))}])
+    nodes = {INPUT, Head(0, 1), Head(1, 3)} | ({Mlp(0)} if kind != "attn-only" else set())
+    same([frozenset(c for c in every if rng.random() < 0.5)], ablated=frozenset(nodes))
