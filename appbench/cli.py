@@ -1246,7 +1246,7 @@ def sweep(
     command run again after a crash, a kill or Ctrl-C resumes where it stopped (at most the
     runs in flight are lost). The dense run (pruner none) of each discoverer runs first and
     each pruned run after it, so every speedup has its baseline. A failed run is reported in
-    one line and the sweep goes on; the exit code is then 1 (130 after Ctrl-C).
+    one line and the sweep goes on; the exit code is then 1 (130 after Ctrl-C or SIGTERM).
 
     \b
     Examples:

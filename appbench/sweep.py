@@ -837,14 +837,16 @@ class Summary:
 
 
 class _DeferredInterrupt:
-    """Ctrl-C (SIGINT) during a sweep, taken at a safe point: the first one sets
+    """Ctrl-C (SIGINT) or SIGTERM during a sweep, taken at a safe point: the first one sets
     ``requested``, which the driver reads between steps, so that a result being written is
-    also recorded as done; a second one interrupts at once. Only in the main thread (signals
-    go there); elsewhere KeyboardInterrupt stays as it is."""
+    also recorded as done; a second one interrupts at once. SIGTERM counts too because a sweep
+    started in the background from a script ignores SIGINT (the shell sets it so), leaving
+    ``kill`` the way to stop it. Only in the main thread (signals go there); elsewhere
+    KeyboardInterrupt stays as it is."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
@@ -856,15 +858,16 @@ class _DeferredInterrupt:
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
         import signal
 
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous = {}
 
 
 class Sweep:

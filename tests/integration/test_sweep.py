@@ -507,3 +507,23 @@ def test_a_sweep_killed_then_interrupted_completes_when_run_again(tmp_path):
     assert {settings_hash(result_settings(r)) for r in results} == {
         r["config_hash"] for r in summary["runs"]
     }
+
+
+@pytest.mark.parametrize("number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_during_a_sweep_is_taken_at_a_safe_point_and_a_second_one_at_once(number):
+    """SIGTERM stops a sweep as Ctrl-C does (a sweep started in the background by a script
+    ignores SIGINT, so kill is how it gets stopped): the first asks the driver to stop between
+    steps, the second interrupts at once, and the handlers before the sweep come back."""
+    from appbench.sweep import _DeferredInterrupt
+
+    before = signal.getsignal(number)
+    with _DeferredInterrupt() as interrupt:
+        os.kill(os.getpid(), number)
+        deadline = time.monotonic() + 5
+        while not interrupt.requested and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert interrupt.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), number)
+            time.sleep(5)
+    assert signal.getsignal(number) is before
