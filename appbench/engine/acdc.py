@@ -56,7 +56,7 @@ from appbench.circuit import (
     model_graph,
 )
 from appbench.engine.attribution import has_mlps, mlp_inputs, receiver_inputs, split_qkv_inputs
-from appbench.engine.fused import input_weights
+from appbench.engine.fused import POST_NORM_ARCHITECTURES, input_weights
 from appbench.engine.patching import logits_of_residual
 from appbench.engine.reference import input_head_index, metric_gap
 
@@ -94,8 +94,9 @@ class _Graph:
         self, model: Any, task: Task, data: TaskData, distance: Distance, plain: bool = False
     ) -> None:
         self.model, self.task, self.data, self.distance = model, task, data, distance
-        #: Run every variant as the definition reads (the reference) instead of the fast way.
-        self.plain = plain
+        #: Run every variant as the definition reads (the reference) instead of the fast way,
+        #: which needs blocks whose q/k/v it can recompute from a corrected input.
+        self.plain = plain or not _recomputable_inputs(model.cfg)
         #: FLOPs of the input corrections done outside the model's modules (W_O projections and
         #: the weighted sums of the speculative variants), for the runner's count.
         self.extra_flops = 0.0
@@ -602,6 +603,18 @@ class _ChunkedGraph:
         if self.distance == "kl":
             return means
         return [(self.m_full - m) / self.gap for m in means]
+
+
+def _recomputable_inputs(cfg: Any) -> bool:
+    """Whether a head's q, k and v are ``ln1(input) @ W + b`` of its residual-stream input
+    (pre-norm blocks with full-precision weights; not with shortformer position embeddings,
+    added after the norm), as :meth:`_Graph._run_fast` recomputes them."""
+    return (
+        cfg.original_architecture not in POST_NORM_ARCHITECTURES
+        and cfg.positional_embedding_type != "shortformer"
+        and not getattr(cfg, "load_in_4bit", False)
+        and not getattr(cfg, "use_attn_in", False)
+    )
 
 
 def _at_hook(slot: Slot, kind: str | None, layer: int) -> bool:

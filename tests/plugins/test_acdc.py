@@ -369,3 +369,26 @@ def test_the_fast_corrections_give_the_plain_logits(kind, full):
             same([into, into - {next(iter(sorted(into, key=str)))}])
     nodes = {INPUT, Head(0, 1), Head(1, 3)} | ({Mlp(0)} if kind != "attn-only" else set())
     same([frozenset(c for c in every if rng.random() < 0.5)], ablated=frozenset(nodes))
+
+
+def test_models_whose_inputs_cannot_be_recomputed_run_the_plain_way():
+    """Post-norm blocks (OLMo 2) and shortformer embeddings put something other than
+    ``ln1(input) @ W + b`` into q/k/v, so ACDC runs them the plain way."""
+    import copy
+
+    from appbench.engine.acdc import _Graph, _recomputable_inputs
+    from appbench.testing import ToyTask
+
+    model = _random_model("mlps")
+    task = ToyTask()
+    data = task.splits(model.tokenizer)[0].select([0, 1])
+    assert _recomputable_inputs(model.cfg) and not _Graph(model, task, data, "kl").plain
+    assert _Graph(model, task, data, "kl", plain=True).plain
+    for key, value in [
+        ("original_architecture", "Olmo2ForCausalLM"),
+        ("positional_embedding_type", "shortformer"),
+        ("load_in_4bit", True),
+    ]:
+        cfg = copy.copy(model.cfg)
+        setattr(cfg, key, value)
+        assert not _recomputable_inputs(cfg), key
