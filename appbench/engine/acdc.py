@@ -230,10 +230,7 @@ class _Graph:
         z_now: dict[int, torch.Tensor] = {i: z[None] for i, z in enumerate(z_before)}
         mlp_now: dict[int, torch.Tensor] = {i: m[None] for i, m in enumerate(mlp_before)}
         embed = (self.embed_source if INPUT in self.ablated else self.resid_clean[0])[None]
-        ablated_heads = {
-            layer: [n.head for n in self.ablated if isinstance(n, Head) and n.layer == layer]
-            for layer in range(self.n_layers)
-        }
+        ablated_heads = self._ablated_heads()
 
         def keep_z(z: torch.Tensor, hook: Any) -> torch.Tensor:
             layer = hook.layer()
@@ -412,6 +409,13 @@ class _Graph:
         at_target = final[rows, self.data.target_pos.repeat(k)]
         return logits_of_residual(self.model, at_target).view(k, n, -1)
 
+    def _ablated_heads(self) -> dict[int, list[int]]:
+        """Per layer, the heads whose output is replaced by their source in every run."""
+        return {
+            layer: [n.head for n in self.ablated if isinstance(n, Head) and n.layer == layer]
+            for layer in range(self.n_layers)
+        }
+
     def _source_points(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The residual stream [N, T, d] before each layer (and after the last) and between
         each layer's attention and MLP, summed from the sources: what a receiver input reads
@@ -459,10 +463,7 @@ class _Graph:
         z_now: dict[int, torch.Tensor] = {i: z.repeat(k, 1, 1, 1) for i, z in enumerate(z_before)}
         mlp_now: dict[int, torch.Tensor] = {i: m.repeat(k, 1, 1) for i, m in enumerate(mlp_before)}
         embed = self.embed_source if INPUT in self.ablated else self.resid_clean[0]
-        ablated_heads = {
-            layer: [n.head for n in self.ablated if isinstance(n, Head) and n.layer == layer]
-            for layer in range(self.n_layers)
-        }
+        ablated_heads = self._ablated_heads()
 
         def keep_z(z: torch.Tensor, hook: Any) -> torch.Tensor:
             layer = hook.layer()
