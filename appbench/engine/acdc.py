@@ -311,7 +311,7 @@ class _Graph:
             out: list[tuple[Slot, Any]] = []
             slots = {sl for sl in by_slot if _at_hook(sl, kind, layer)}
             slots |= {sl for sl in speculated if _at_hook(sl, kind, layer)}
-            for slot in sorted(slots, key=lambda sl: _slot_order((sl, None))):
+            for slot in sorted(slots, key=_slot_order):
                 removed = by_slot.get(slot, [])
                 gone = set(removed)
                 others = [s for s in self.upstream(slot) if s not in gone]
@@ -626,8 +626,8 @@ def _at_hook(slot: Slot, kind: str | None, layer: int) -> bool:
     return kind is not None and slot[0] == layer and slot[1] == kind
 
 
-def _slot_order(item: tuple[Slot, Any]) -> tuple[int, int]:
-    slot = item[0]
+def _slot_order(slot: Slot) -> tuple[int, int]:
+    """The order receiver inputs of one hook are corrected in (fixed, for stable float sums)."""
     return (0, 0) if slot is None else (slot[0], slot[2])
 
 
