@@ -487,6 +487,21 @@ def _summary_table(result: Any, path: Path) -> str:
     help="Replace an earlier result of other parameters at the same path (refused otherwise, "
     "before any work).",
 )
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help="Discover afresh, ignoring the checkpoint an interrupted run of the same settings "
+    "left beside the result (OUT/.../<pruner>__<discoverer>.checkpoint). Without it such a "
+    "run goes on from there, its costs summed and flagged.",
+)
+@click.option(
+    "--checkpoint-every",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds between two checkpoints of a long discovery (ACDC saves them).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result JSON instead of a table.")
 @click.option("--quiet", is_flag=True, help="No progress messages on stderr.")
 @click.option(
@@ -508,11 +523,16 @@ def run(
     discoverer_params: tuple[tuple[str, str], ...],
     out: Path,
     overwrite: bool,
+    fresh: bool,
+    checkpoint_every: float,
     as_json: bool,
     quiet: bool,
     no_reference: bool,
 ) -> None:
     """Prune, discover and evaluate a circuit; write one result JSON and print a summary.
+
+    A long discovery (ACDC) saves checkpoints beside the result; run the same command again
+    after an interruption (Ctrl-C, a lost session) and it goes on from the last one.
 
     \b
     Examples:
@@ -537,6 +557,8 @@ def run(
         discoverer_params=_params(discoverer_params),
         out=out,
         overwrite=overwrite,
+        fresh=fresh,
+        checkpoint_every=checkpoint_every,
         command=shlex.join(["appbench", *sys.argv[1:]]),
         compute_reference=not no_reference,
     )
@@ -1197,13 +1219,23 @@ def _sweep_executor(spec: Any) -> Any:
     "recur (not of runs refused for their input). [default: 1]",
 )
 @click.option(
+    "--checkpoint-every",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="SECONDS",
+    help="Seconds between two checkpoints of a long discovery in flight (ACDC; local "
+    "executor): a run stopped by Ctrl-C, SIGTERM or a crash goes on from its last one when "
+    "the sweep runs again. [default: 60]",
+)
+@click.option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help="YAML file with the same keys (pruners, discoverers, tasks, models, seeds, "
     "pruner_params, discoverer_params, n_search, n_eval, device, out, jobs, executor, "
-    "address, cpus_per_run, gpus_per_run, ray_runtime_env, retries); options given here override it.",
+    "address, cpus_per_run, gpus_per_run, ray_runtime_env, retries, checkpoint_every); options "
+    "given here override it.",
 )
 @click.option(
     "--overwrite",
@@ -1234,6 +1266,7 @@ def sweep(
     cpus_per_run: float | None,
     gpus_per_run: float | None,
     retries: int | None,
+    checkpoint_every: float | None,
     config_file: Path | None,
     overwrite: bool,
     dry_run: bool,
@@ -1244,7 +1277,8 @@ def sweep(
 
     Runs whose result files already record the same settings are skipped, so the same
     command run again after a crash, a kill or Ctrl-C resumes where it stopped (at most the
-    runs in flight are lost). The dense run (pruner none) of each discoverer runs first and
+    runs in flight are lost, and of a discovery that saves checkpoints, ACDC's, only what it
+    did since its last one). The dense run (pruner none) of each discoverer runs first and
     each pruned run after it, so every speedup has its baseline. A failed run is reported in
     one line and the sweep goes on; the exit code is then 1 (130 after Ctrl-C or SIGTERM).
 
@@ -1276,6 +1310,7 @@ def sweep(
             "cpus_per_run": cpus_per_run,
             "gpus_per_run": gpus_per_run,
             "retries": retries,
+            "checkpoint_every": checkpoint_every,
         },
         source=f"--config {config_file}",
     )

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+from appbench.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
     from appbench.circuit import Circuit, SearchSpace
@@ -48,6 +50,9 @@ class RunContext:
         part: ``with ctx.part("sweep"):`` has the runner measure a named part of the current
             stage on its own (recorded as ``<stage>.sweep``, still counted in the stage), so
             that e.g. a pruner's sparsity sweep is reported apart from its scoring.
+        checkpoint: where a long discoverer saves its progress (:class:`Checkpoint`): it
+            loads the state an interrupted run saved and goes on from there, the runner
+            summing the segments' costs. Without a result file it holds nothing.
     """
 
     model: Any
@@ -61,6 +66,7 @@ class RunContext:
     log: Callable[[str], None] = lambda line: None
     flag: Callable[[str, str], None] = lambda code, message: None
     part: Callable[[str], AbstractContextManager[None]] = lambda name: nullcontext()
+    checkpoint: Checkpoint = field(default_factory=lambda: Checkpoint(None))
 
     @property
     def n_layers(self) -> int:

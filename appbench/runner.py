@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from appbench import metrics
+from appbench.checkpoint import DEFAULT_EVERY, Checkpoint, add_costs, checkpoint_path
 from appbench.circuit import Circuit, Edge, Head, SearchSpace, graph_edges
 from appbench.errors import RunError
 from appbench.flags import baseline_differences, circuit_flags, reference_flags
@@ -127,6 +128,17 @@ class RunConfig(BaseModel):
         default=False,
         description="replace an earlier result of other parameters at the same path (without "
         "it such a run is refused before any work)",
+    )
+    checkpoint_every: float = Field(
+        default=DEFAULT_EVERY,
+        ge=0,
+        allow_inf_nan=False,
+        description="seconds between two checkpoints of a discoverer that saves them (ACDC)",
+    )
+    fresh: bool = Field(
+        default=False,
+        description="ignore the checkpoint an interrupted discovery left beside the result "
+        "(without it the run goes on from there; see appbench.checkpoint)",
     )
     compute_reference: bool = Field(
         default=True,
@@ -242,6 +254,56 @@ def _peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+class StageMeter:
+    """The counters of a stage from its start: :meth:`cost` reads them at any time (a
+    checkpoint saves the cost so far; :func:`measure` records it at the end)."""
+
+    def __init__(
+        self,
+        counter: CostCounter | None,
+        device: str,
+        extra_flops: Callable[[], float] = lambda: 0.0,
+        nested: bool = False,
+    ) -> None:
+        import torch
+
+        self._counter, self._extra_flops = counter, extra_flops
+        self._cuda = device.startswith("cuda") and torch.cuda.is_available()
+        if self._cuda:
+            torch.cuda.synchronize()
+            if not nested:
+                torch.cuda.reset_peak_memory_stats()
+        self._before = counter.snapshot() if counter else _Tally()
+        self._extra_before = extra_flops()
+        self._started = time.perf_counter()
+
+    def cost(self) -> StageCost:
+        """What the stage cost up to now."""
+        import torch
+
+        if self._cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self._started
+        counter, before = self._counter, self._before
+        after = counter.snapshot() if counter else _Tally()
+        n_layers = counter.n_layers if counter else 1
+        return StageCost(
+            wall_seconds=wall,
+            forward_calls=after.calls - before.calls,
+            prompt_passes=(after.layer_rows - before.layer_rows) / n_layers,
+            tokens=(after.layer_tokens - before.layer_tokens) / n_layers,
+            flops=after.flops
+            - before.flops
+            + after.backward_flops
+            - before.backward_flops
+            + self._extra_flops()
+            - self._extra_before,
+            backward_prompt_passes=after.backward_prompt_passes - before.backward_prompt_passes,
+            peak_rss_bytes=_peak_rss_bytes(),
+            peak_gpu_bytes=int(torch.cuda.max_memory_allocated()) if self._cuda else None,
+        )
+
+
 @contextmanager
 def measure(
     counter: CostCounter | None,
@@ -250,43 +312,15 @@ def measure(
     stage: str,
     extra_flops: Callable[[], float] = lambda: 0.0,
     nested: bool = False,
-) -> Iterator[None]:
+) -> Iterator[StageMeter]:
     """Time a stage and record its counters into ``sink[stage]``.
 
     ``nested`` measures a part inside a stage being measured: the CUDA peak is then left alone
     (resetting it would lose the enclosing stage's peak).
     """
-    import torch
-
-    cuda = device.startswith("cuda") and torch.cuda.is_available()
-    if cuda:
-        torch.cuda.synchronize()
-        if not nested:
-            torch.cuda.reset_peak_memory_stats()
-    before = counter.snapshot() if counter else _Tally()
-    extra_before = extra_flops()
-    started = time.perf_counter()
-    yield
-    if cuda:
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - started
-    after = counter.snapshot() if counter else _Tally()
-    n_layers = counter.n_layers if counter else 1
-    sink[stage] = StageCost(
-        wall_seconds=wall,
-        forward_calls=after.calls - before.calls,
-        prompt_passes=(after.layer_rows - before.layer_rows) / n_layers,
-        tokens=(after.layer_tokens - before.layer_tokens) / n_layers,
-        flops=after.flops
-        - before.flops
-        + after.backward_flops
-        - before.backward_flops
-        + extra_flops()
-        - extra_before,
-        backward_prompt_passes=after.backward_prompt_passes - before.backward_prompt_passes,
-        peak_rss_bytes=_peak_rss_bytes(),
-        peak_gpu_bytes=int(torch.cuda.max_memory_allocated()) if cuda else None,
-    )
+    meter = StageMeter(counter, device, extra_flops, nested)
+    yield meter
+    sink[stage] = meter.cost()
 
 
 # ---------------------------------------------------------------------- the run
@@ -718,7 +752,9 @@ def run(
 
     Names and parameters are validated, and the output checked (:func:`check_output`), before
     the model is loaded, so bad input fails fast. The work is :func:`execute`; the result is
-    written by :func:`save_result`, the speedup measured against the dense run beside it.
+    written by :func:`save_result`, the speedup measured against the dense run beside it. A
+    discoverer that saves checkpoints keeps them beside the result until it is written, and a
+    run interrupted before that goes on from the last one (unless ``cfg.fresh``).
 
     Args:
         cfg: the run.
@@ -735,9 +771,29 @@ def run(
         resolved=resolved,
         load=load,
         baseline=lambda: Baseline.beside(path, cfg.discoverer),
+        checkpoint=checkpoint_path(path),
     )
     save_result(result, path, log)
+    checkpoint_path(path).unlink(missing_ok=True)
     return result, path
+
+
+def _checkpoint_key(
+    cfg: RunConfig, resolved: Resolved, search_sha256: str, space: SearchSpace
+) -> dict[str, Any]:
+    """What a checkpoint must share with a run to be resumed by it: the run's settings, the
+    search split and space it searched, and the versions whose decisions it holds."""
+    return {
+        "task": cfg.task,
+        "task_version": resolved.task.spec.version,
+        "model": cfg.model,
+        "pruner": cfg.pruner,
+        "discoverer": cfg.discoverer,
+        **resolved.settings(cfg),
+        "search_sha256": search_sha256,
+        "search_space": sorted(h.id for h in space.heads),
+        "appbench_version": metadata.version("appbench"),
+    }
 
 
 def save_result(result: RunResult, path: Path, log: Callable[[str], None] = lambda _: None) -> None:
@@ -760,8 +816,10 @@ def execute(
     resolved: Resolved | None = None,
     load: ModelLoader | None = None,
     baseline: Baseline | Callable[[], Baseline | None] | None = None,
+    checkpoint: Path | None = None,
 ) -> RunResult:
-    """The work of a run, writing nothing: load, prune, discover, evaluate.
+    """The work of a run, writing nothing but the discoverer's checkpoints: load, prune,
+    discover, evaluate.
 
     Conditions that make a number meaningless (an empty circuit, an unfaithful reference, a
     refused speedup, ...) are recorded as flags in the result and logged as warnings.
@@ -773,6 +831,9 @@ def execute(
         load: loads the model (default :func:`appbench.models.load_model`).
         baseline: the dense run to measure the speedup against, or a function called when
             the run ends that returns it; none: no speedup.
+        checkpoint: the file a discoverer that supports it saves its progress to (and resumes
+            from, unless ``cfg.fresh``; the caller removes it once the result is saved); none:
+            no checkpoints (``cfg.checkpoint_every`` apart).
     """
     import torch
 
@@ -840,8 +901,20 @@ def execute(
         log(
             f"search space: {len(space)}/{space.total_heads} heads; discovering with {cfg.discoverer}"
         )
-        with timed("discover"):
-            circuit = discoverer_cls().discover(ctx, space, discoverer_params)
+        with timed("discover") as meter:
+            saver = Checkpoint(
+                checkpoint,
+                _checkpoint_key(cfg, resolved, search.fingerprint(), space),
+                meter.cost,
+                log,
+                cfg.checkpoint_every,
+                cfg.fresh,
+            )
+            circuit = discoverer_cls().discover(
+                replace(ctx, checkpoint=saver), space, discoverer_params
+            )
+        if saver.prior is not None:
+            cost["discover"] = add_costs(saver.prior, cost["discover"])
         if not isinstance(circuit, Circuit):
             raise RunError(
                 f"discoverer {cfg.discoverer} returned {type(circuit).__name__}, not a Circuit"
@@ -870,6 +943,14 @@ def execute(
         ov = Overlap.model_validate(
             metrics.overlap(circuit.heads, reference_heads).to_dict()
             | _edge_and_score_overlap(circuit, reference)
+        )
+    if saver.prior is not None:
+        flag(
+            "resumed",
+            f"discovery resumed from a checkpoint after {saver.segments} interruption(s): its "
+            f"cost is summed over {saver.segments + 1} segments ({cost['discover'].wall_seconds:.0f} s "
+            "in all, which may have run under different loads; the pruner ran again in each "
+            "and is counted once)",
         )
     for found in [
         *circuit_flags(len(circuit), faith, len(evaluation)),

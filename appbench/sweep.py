@@ -37,6 +37,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from appbench.checkpoint import DEFAULT_EVERY, checkpoint_path
 from appbench.errors import RunError
 from appbench.results import (
     ResultFileError,
@@ -151,6 +152,13 @@ class SweepSpec(BaseModel):
         ge=0,
         description="resubmissions of a run whose worker died or that failed "
         "in a way that may not recur",
+    )
+    checkpoint_every: float = Field(
+        default=DEFAULT_EVERY,
+        ge=0,
+        allow_inf_nan=False,
+        description="seconds between two checkpoints of a run in flight (local executor; "
+        "a run stopped in flight goes on from its last one)",
     )
 
     @field_validator("pruners", "discoverers", "tasks", "models", mode="before")
@@ -414,6 +422,7 @@ def plan(
                             n_eval=n_eval,
                             out=folder,
                             command=command,
+                            checkpoint_every=spec.checkpoint_every,
                         )
                         settings = {
                             "appbench_version": version,
@@ -502,11 +511,13 @@ def check_writable(out: Path) -> None:
 # ------------------------------------------------------------------ the workers' side
 @dataclass(frozen=True)
 class WorkItem:
-    """What a worker gets for one run: the run and its dense baseline (read by the driver)."""
+    """What a worker gets for one run: the run, its dense baseline (read by the driver), and
+    the checkpoint file its discovery saves to and resumes from (None: no checkpoints)."""
 
     key: str
     config: RunConfig
     baseline: Baseline | None
+    checkpoint: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -603,7 +614,9 @@ def run_item(item: WorkItem, cache: ModelCache | None = None) -> Outcome:
 
     try:
         with redirect_stdout(sys.stderr):
-            result = execute(item.config, load=cache.load, baseline=item.baseline)
+            result = execute(
+                item.config, load=cache.load, baseline=item.baseline, checkpoint=item.checkpoint
+            )
     except (RunError, ModelLoadError, TaskError, UnknownNameError, PluginError) as exc:
         return done(error=f"{type(exc).__name__}: {_one_line(exc)}")
     except Exception as exc:
@@ -623,6 +636,9 @@ class Executor(ABC):
 
     #: The ``--executor`` name.
     name: ClassVar[str]
+    #: Whether workers write to the driver's files: then their discoveries keep checkpoints
+    #: beside the results, and a run stopped in flight resumes from its last one.
+    shares_files: ClassVar[bool] = False
     #: Runs in flight at once.
     slots: int
 
@@ -683,6 +699,7 @@ class LocalExecutor(Executor):
     retryable and the next submission starts a new pool."""
 
     name = "local"
+    shares_files = True
 
     def __init__(self, jobs: int | None = None, threads: int | None = None) -> None:
         self.slots = jobs or default_jobs()
@@ -940,7 +957,8 @@ class Sweep:
             baseline = None
             if not job.dense and job.dense_path.is_file():
                 baseline = Baseline.read(job.dense_path)
-            self.executor.submit(WorkItem(job.key, job.config, baseline))
+            saves = checkpoint_path(job.path) if self.executor.shares_files else None
+            self.executor.submit(WorkItem(job.key, job.config, baseline, saves))
             in_flight.add(job.key)
 
         def finish(outcome: Outcome) -> None:
@@ -969,6 +987,7 @@ class Sweep:
                         result = None
                     else:
                         save_result(result, job.path)
+                        checkpoint_path(job.path).unlink(missing_ok=True)
                 except (ValidationError, OSError) as exc:
                     error = f"{type(exc).__name__}: {_one_line(exc)}"
                     result = None

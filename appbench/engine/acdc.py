@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from appbench.checkpoint import Checkpoint
 from appbench.circuit import (
     INPUT,
     QKV,
@@ -54,6 +55,7 @@ from appbench.circuit import (
     Sender,
     connected_to_logits,
     model_graph,
+    parse_node,
 )
 from appbench.engine.attribution import has_mlps, mlp_inputs, receiver_inputs, split_qkv_inputs
 from appbench.engine.fused import POST_NORM_ARCHITECTURES, input_weights
@@ -85,6 +87,70 @@ class AcdcResult:
     #: FLOPs done outside the model's modules (input corrections), for the runner's count.
     extra_flops: float = 0.0
     trace: list[tuple[str, float, bool]] = field(default_factory=list)
+
+
+@dataclass
+class AcdcProgress:
+    """Where ACDC stands after a receiver: enough to go on from the next one with the same
+    decisions (a checkpoint's state, :meth:`to_json`). The counters are those of the segments
+    run so far."""
+
+    settings: dict[str, Any]
+    next_receiver: int
+    removed: set[Candidate]
+    kept: set[Candidate]
+    dead: set[Sender]
+    current: float
+    tested: int
+    forward_runs: int
+    trace: list[tuple[str, float, bool]]
+
+    def to_json(self) -> dict[str, Any]:
+        def candidates(found: set[Candidate]) -> list[list[Any]]:
+            rows = [[sender.id, None if slot is None else list(slot)] for sender, slot in found]
+            return sorted(rows, key=lambda row: (row[0], row[1] or []))
+
+        return {
+            "settings": self.settings,
+            "next_receiver": self.next_receiver,
+            "removed": candidates(self.removed),
+            "kept": candidates(self.kept),
+            "dead": sorted(node.id for node in self.dead),
+            "current": self.current,
+            "tested": self.tested,
+            "forward_runs": self.forward_runs,
+            "trace": [list(step) for step in self.trace],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AcdcProgress:
+        """The progress :meth:`to_json` wrote; ValueError on anything else."""
+
+        def candidates(rows: list[list[Any]]) -> set[Candidate]:
+            found: set[Candidate] = set()
+            for sender, slot in rows:
+                if slot is not None:
+                    layer, kind, index = slot
+                    if kind not in (*QKV, "mlp"):
+                        raise ValueError(f"not a receiver input: {slot!r}")
+                    slot = (int(layer), str(kind), int(index))
+                found.add((parse_node(sender), slot))
+            return found
+
+        try:
+            return cls(
+                settings=dict(data["settings"]),
+                next_receiver=int(data["next_receiver"]),
+                removed=candidates(data["removed"]),
+                kept=candidates(data["kept"]),
+                dead={parse_node(node) for node in data["dead"]},
+                current=float(data["current"]),
+                tested=int(data["tested"]),
+                forward_runs=int(data["forward_runs"]),
+                trace=[(str(ids), float(value), bool(kept)) for ids, value, kept in data["trace"]],
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not an ACDC checkpoint: {exc!r}") from None
 
 
 class _Graph:
@@ -700,6 +766,7 @@ def _run_acdc(
     max_rows: int = 1024,
     full: bool = True,
     batch_size: int | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> AcdcResult:
     if tau < 0 or tau != tau:
         raise ValueError(f"tau must be a non-negative number, got {tau}")
@@ -719,12 +786,58 @@ def _run_acdc(
     dead: set[Sender] = set()
     readers_of: dict[Slot, list[Head]] = {}
     trace: list[tuple[str, float, bool]] = []
-    current = graph.values([frozenset()])[0]
-    tested = 0
     receivers = _receivers(cfg, edges_of_graph, heads)
+    settings = {
+        "tau": tau,
+        "distance": distance,
+        "full": full,
+        "receivers": len(receivers),
+        "heads": sorted(h.id for h in heads),
+    }
+    state = checkpoint.load() if checkpoint is not None else None
+    first, earlier_runs = 0, 0
+    if state is not None:
+        progress = AcdcProgress.from_json(state)
+        if progress.settings != settings:
+            raise ValueError(
+                f"the checkpoint is of another ACDC run ({progress.settings}), not {settings}"
+            )
+        first, removed, kept, dead = (
+            progress.next_receiver,
+            progress.removed,
+            progress.kept,
+            progress.dead,
+        )
+        current, tested, trace = progress.current, progress.tested, progress.trace
+        earlier_runs = progress.forward_runs
+        log(f"acdc: going on from receiver {first + 1}/{len(receivers)}")
+    else:
+        current = graph.values([frozenset()])[0]
+        tested = 0
+
+    def save(next_receiver: int) -> None:
+        if checkpoint is None:
+            return
+        progress = AcdcProgress(
+            settings,
+            next_receiver,
+            removed,
+            kept,
+            dead,
+            current,
+            tested,
+            earlier_runs + graph.forward_runs,
+            trace,
+        )
+        checkpoint.save(progress.to_json(), uncounted_flops=graph.extra_flops)
+
     per_run = max(1, max_rows // min(len(data), batch_size or len(data)))
     for number, (slot, readers, senders) in enumerate(receivers):
         readers_of[slot] = readers
+        if number < first:
+            continue  # decided in an earlier segment
+        if checkpoint is not None and number > first and checkpoint.due():
+            save(number)
         if slot is not None:
             owners: list[Sender] = list(readers) if slot[1] != "mlp" else [Mlp(slot[0])]
             for owner in owners:
@@ -768,13 +881,15 @@ def _run_acdc(
             f"acdc: receiver {number + 1}/{len(receivers)}, {len(kept)} edges kept, "
             f"{len(removed)} removed"
         )
+    if checkpoint is not None and first < len(receivers):
+        save(len(receivers))  # an interruption after this point need not search again
     edges = {e for c in kept for e in _edge_ids(c, readers_of[c[1]], heads)}
     return AcdcResult(
         edges=connected_to_logits(edges),
         tested=tested,
         removed=len(removed),
         distance=current,
-        forward_runs=graph.forward_runs,
+        forward_runs=earlier_runs + graph.forward_runs,
         extra_flops=graph.extra_flops,
         trace=trace,
     )
@@ -805,11 +920,30 @@ def acdc(
     max_rows: int = 1024,
     full: bool = True,
     batch_size: int | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> AcdcResult:
     """ACDC on ``model_graph(cfg, full)``, the candidates of a receiver batched (``max_rows``
     prompt rows per run) and run from the receiver's layer; a split larger than
-    ``batch_size`` prompts runs a chunk at a time (same decisions, caches rebuilt per run)."""
-    return _run_acdc(model, task, data, space, tau, distance, True, log, max_rows, full, batch_size)
+    ``batch_size`` prompts runs a chunk at a time (same decisions, caches rebuilt per run).
+
+    With a ``checkpoint``, ACDC goes on from the :class:`AcdcProgress` it holds (ValueError if
+    that is of other settings) and saves its progress between receivers when it is due, and
+    once at the end; the result's counters (``tested``, ``forward_runs``) then cover every
+    segment, ``extra_flops`` this one (the checkpoint carries the earlier ones' cost)."""
+    return _run_acdc(
+        model,
+        task,
+        data,
+        space,
+        tau,
+        distance,
+        True,
+        log,
+        max_rows,
+        full,
+        batch_size,
+        checkpoint,
+    )
 
 
 def acdc_reference(

@@ -15,6 +15,11 @@ With ``sweep`` set, ACDC also runs once per listed tau and records each run's ed
 in ``details["threshold_sweep"]``: the points of ACDC's threshold-sweep ROC, from which the
 runner computes the pessimistic step AUC against the reference (METRICS.md 4.4). The circuit
 stays the one at ``tau``.
+
+ACDC on a model of a hundred million parameters takes hours on a CPU, so the run at ``tau``
+saves its progress (the edges decided, receiver by receiver) in the run's checkpoint about once
+a minute: an interrupted run of the same settings goes on from the last one (``ctx.checkpoint``;
+the runner sums the segments' costs and flags the result). The sweep's extra runs start afresh.
 """
 
 from typing import Annotated, Literal
@@ -97,6 +102,7 @@ class Acdc(Discoverer):
             max_rows=params.max_rows,
             full=params.graph == "full",
             batch_size=batch,
+            checkpoint=ctx.checkpoint,
         )
         # The input corrections run outside the model's modules: counted here.
         ctx.engine.extra_flops += result.extra_flops

@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from appbench import Head, SearchSpace, acdc
+from appbench.checkpoint import Checkpoint
 from appbench.engine.acdc import acdc_reference
 from appbench.testing import (
     PLANTED_GQA_EDGES,
@@ -392,3 +393,85 @@ def test_models_whose_inputs_cannot_be_recomputed_run_the_plain_way():
         cfg = copy.copy(model.cfg)
         setattr(cfg, key, value)
         assert not _recomputable_inputs(cfg), key
+
+
+def _no_cost():
+    from appbench.results import StageCost
+
+    return StageCost(
+        wall_seconds=0.0,
+        forward_calls=0,
+        prompt_passes=0.0,
+        tokens=0.0,
+        flops=0.0,
+        peak_rss_bytes=0,
+    )
+
+
+class _StopAfter(Checkpoint):
+    """A checkpoint whose run is killed right after its n-th save (nothing done after it is
+    lost, so the resumed run must add up to the whole one exactly)."""
+
+    def __init__(self, path, n):
+        super().__init__(path, {"run": 1}, _no_cost, every=0)
+        self.n = n
+
+    def save(self, state, uncounted_flops=0.0):
+        super().save(state, uncounted_flops)
+        if self.saves == self.n:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full-graph", "head-graph"])
+@pytest.mark.parametrize("stops", [1, 7, 19])
+def test_an_interrupted_acdc_goes_on_from_its_checkpoint_to_the_same_decisions(
+    tmp_path, full, stops
+):
+    ctx = planted_context(CHAIN.build())
+    dense = SearchSpace.dense(CHAIN.n_layers, CHAIN.n_heads).heads
+    whole = acdc(ctx.model, ctx.task, ctx.search, dense, full=full)
+    path = tmp_path / "none__acdc.checkpoint"
+    with pytest.raises(KeyboardInterrupt):
+        acdc(ctx.model, ctx.task, ctx.search, dense, full=full, checkpoint=_StopAfter(path, stops))
+    lines: list[str] = []
+    again = Checkpoint(path, {"run": 1}, _no_cost, lines.append, every=0)
+    resumed = acdc(ctx.model, ctx.task, ctx.search, dense, full=full, checkpoint=again)
+    assert again.segments == 1 and again.prior is not None and any("resuming" in x for x in lines)
+    assert {e.id for e in resumed.edges} == (CHAIN.full_edges if full else CHAIN.edges)
+    assert resumed.edges == whole.edges
+    assert (resumed.tested, resumed.removed, resumed.forward_runs) == (
+        whole.tested,
+        whole.removed,
+        whole.forward_runs,
+    )
+    assert resumed.trace == whole.trace and resumed.distance == whole.distance
+    # The corrections' FLOPs of the first segment travel in the checkpoint's cost.
+    assert again.prior.flops + resumed.extra_flops == pytest.approx(whole.extra_flops)
+    assert 0 < resumed.extra_flops < whole.extra_flops
+    # The whole search saved at its end: once more, nothing is tested again.
+    last = acdc(
+        ctx.model,
+        ctx.task,
+        ctx.search,
+        dense,
+        full=full,
+        checkpoint=Checkpoint(path, {"run": 1}, _no_cost, every=0),
+    )
+    assert last.edges == whole.edges and last.extra_flops == 0
+
+
+def test_a_checkpoint_of_another_acdc_is_refused(tmp_path):
+    ctx = planted_context(CHAIN.build())
+    dense = SearchSpace.dense(CHAIN.n_layers, CHAIN.n_heads).heads
+    path = tmp_path / "none__acdc.checkpoint"
+    with pytest.raises(KeyboardInterrupt):
+        acdc(ctx.model, ctx.task, ctx.search, dense, checkpoint=_StopAfter(path, 3))
+    with pytest.raises(ValueError, match="another ACDC run"):
+        acdc(
+            ctx.model,
+            ctx.task,
+            ctx.search,
+            dense,
+            tau=0.02,
+            checkpoint=Checkpoint(path, {"run": 1}, _no_cost, every=0),
+        )
