@@ -110,12 +110,18 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def _named() -> list[str]:
+    """The distributions APPBENCH_LOAD_PLUGINS names (checked whether autoload is on or not:
+    with it on every plugin loads anyway, but a misspelt name is still a mistake to say)."""
+    names = [d.strip() for d in os.environ.get("APPBENCH_LOAD_PLUGINS", "").split(",")]
+    return list(dict.fromkeys(n for n in names if n))
+
+
 def _requested() -> list[str] | None:
     """The distributions APPBENCH_LOAD_PLUGINS names, or None when autoload is on."""
     if not os.environ.get("APPBENCH_DISABLE_PLUGIN_AUTOLOAD"):
         return None
-    names = [d.strip() for d in os.environ.get("APPBENCH_LOAD_PLUGINS", "").split(",")]
-    return list(dict.fromkeys(n for n in names if n))
+    return _named()
 
 
 def _wanted(dist: str) -> bool:
@@ -302,12 +308,10 @@ def _skip(state: _State, name: str, module: str, dist: str, version: str, reason
 def _state() -> _State:
     """Load every wanted entry point, once per process (until :func:`reset`)."""
     eps = _entry_points()
-    requested = _requested()
-    if requested is not None:
-        installed = {normalize(_dist(ep)[0]) for ep in eps}
-        unknown = [name for name in requested if normalize(name) not in installed]
-        if unknown:
-            raise PluginError(_unknown_requested(unknown, eps))
+    installed = {normalize(_dist(ep)[0]) for ep in eps}
+    unknown = [name for name in _named() if normalize(name) not in installed]
+    if unknown:
+        raise PluginError(_unknown_requested(unknown, eps))
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
     state = _State(pm)

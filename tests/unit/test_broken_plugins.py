@@ -414,11 +414,14 @@ def test_load_plugins_takes_distribution_names_as_pip_spells_them(
     ],
     ids=["module", "entry-point", "typo", "two-names"],
 )
+@pytest.mark.parametrize("autoload", [False, True], ids=["autoload-off", "autoload-on"])
 def test_load_plugins_names_that_match_nothing_get_suggestions(
-    site, fresh_plugins, monkeypatch, asked, hint
+    site, fresh_plugins, monkeypatch, asked, hint, autoload
 ):
     install_planted(site)
-    env = {"APPBENCH_DISABLE_PLUGIN_AUTOLOAD": "1", "APPBENCH_LOAD_PLUGINS": asked}
+    env = {"APPBENCH_LOAD_PLUGINS": asked}
+    # With autoload on every plugin loads anyway; a misspelt name is still refused.
+    env["APPBENCH_DISABLE_PLUGIN_AUTOLOAD"] = None if autoload else "1"
     outcome = CliRunner().invoke(cli, ["list"], obj={}, env=env)
     lines = outcome.output.strip().splitlines()
     assert outcome.exit_code == 2 and len(lines) == 1, outcome.output
