@@ -59,7 +59,7 @@ from appbench.circuit import (
 )
 from appbench.engine.attribution import has_mlps, mlp_inputs, receiver_inputs, split_qkv_inputs
 from appbench.engine.fused import POST_NORM_ARCHITECTURES, input_weights
-from appbench.engine.patching import logits_of_residual
+from appbench.engine.patching import unembedded
 from appbench.engine.reference import input_head_index, metric_gap
 
 if TYPE_CHECKING:
@@ -473,7 +473,9 @@ class _Graph:
                 )
         rows = torch.arange(k * n, device=final.device)
         at_target = final[rows, self.data.target_pos.repeat(k)]
-        return logits_of_residual(self.model, at_target).view(k, n, -1)
+        logits = unembedded(self.model, at_target)
+        self.extra_flops += 2 * logits.numel() * at_target.shape[-1]
+        return logits.view(k, n, -1)
 
     def _ablated_heads(self) -> dict[int, list[int]]:
         """Per layer, the heads whose output is replaced by their source in every run."""

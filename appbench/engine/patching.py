@@ -57,6 +57,21 @@ def logits_of_residual(model: Any, resid: torch.Tensor) -> torch.Tensor:
     return _softcapped(model, model.unembed(_final_norm(model, resid)[:, None, :])[:, 0, :])
 
 
+def unembedded(model: Any, resid: torch.Tensor) -> torch.Tensor:
+    """:func:`logits_of_residual`, the product made here as ``resid @ W_U + b_U``.
+
+    TransformerLens's ``Unembed`` transposes the whole ``W_U`` into a contiguous copy on every
+    call (113 MB for SmolLM2's 49k-token vocabulary: about 80 ms of a CPU core, as long as the
+    product itself for a few hundred rows). A method that unembeds on every run (ACDC's KL
+    distance) calls this instead. The product then passes no module hook, so the runner's
+    counter does not see it: the caller adds its ``2 R d_model d_vocab`` FLOPs to its own
+    count.
+    """
+    unembed = model.unembed
+    logits = torch.addmm(unembed.b_U, _final_norm(model, resid), unembed.W_U)
+    return _softcapped(model, logits)
+
+
 def _final_norm(model: Any, resid: torch.Tensor) -> torch.Tensor:
     if model.cfg.normalization_type is None:
         return resid
