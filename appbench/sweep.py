@@ -1052,6 +1052,14 @@ def plan_rows(plan: Plan, found: dict[str, Found]) -> list[dict[str, Any]]:
         "replace": "run, replacing other settings",
         "unreadable": "run, replacing an unreadable file",
     }
+
+    def what(job: Job) -> str:
+        state = found[job.key].state
+        resumable = plan.spec.executor == "local" and state in ("run", "replace", "unreadable")
+        if resumable and checkpoint_path(job.path).exists():
+            return f"{action[state]} (from its checkpoint, if of these settings)"
+        return action[state]
+
     return [
         {
             "seed": job.config.seed,
@@ -1060,7 +1068,7 @@ def plan_rows(plan: Plan, found: dict[str, Found]) -> list[dict[str, Any]]:
             "pruner": job.config.pruner,
             "discoverer": job.config.discoverer,
             "after": plan.baseline_of(job).key if plan.baseline_of(job) else None,  # type: ignore[union-attr]
-            "action": action[found[job.key].state],
+            "action": what(job),
             "path": str(job.path),
             "config_hash": job.hash,
         }

@@ -12,7 +12,16 @@ from appbench.checkpoint import Checkpoint, checkpoint_path
 from appbench.cli import cli
 from appbench.results import load_result, result_path
 from appbench.runner import RunConfig, execute, run
-from appbench.sweep import Executor, ModelCache, Sweep, SweepSpec, inspect, plan, run_item
+from appbench.sweep import (
+    Executor,
+    ModelCache,
+    Sweep,
+    SweepSpec,
+    inspect,
+    plan,
+    plan_rows,
+    run_item,
+)
 
 
 class _InProcess(Executor):
@@ -189,7 +198,8 @@ def test_a_sweep_goes_on_from_the_checkpoint_of_a_run_stopped_in_flight(tmp_path
         with pytest.raises(KeyboardInterrupt):
             execute(job.config, checkpoint=saved)
     assert saved.is_file()
-
+    (row,) = plan_rows(planned, inspect(planned))
+    assert row["action"] == "run (from its checkpoint, if of these settings)"
     summary = Sweep(planned, inspect(planned), _InProcess(), progress=False).run()
     assert [r.status for r in summary.records] == ["done"]
     result = load_result(job.path)
