@@ -8,6 +8,7 @@ torch and TransformerLens are imported only inside commands that need them, so `
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
@@ -283,6 +284,13 @@ def _named_folder(ctx: click.Context, param: click.Parameter, value: str | None)
     return Path(value)
 
 
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """A number of seconds must be one: ``nan`` and ``inf`` pass click's range check."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds")
+    return value
+
+
 def _params(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
     params: dict[str, str] = {}
     for key, value in pairs:
@@ -500,6 +508,7 @@ def _summary_table(result: Any, path: Path) -> str:
     default=60.0,
     show_default=True,
     metavar="SECONDS",
+    callback=_finite,
     help="Seconds between two checkpoints of a long discovery (ACDC saves them).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result JSON instead of a table.")
@@ -1223,6 +1232,7 @@ def _sweep_executor(spec: Any) -> Any:
     type=click.FloatRange(min=0),
     default=None,
     metavar="SECONDS",
+    callback=_finite,
     help="Seconds between two checkpoints of a long discovery in flight (ACDC; local "
     "executor): a run stopped by Ctrl-C, SIGTERM or a crash goes on from its last one when "
     "the sweep runs again. [default: 60]",

@@ -254,6 +254,18 @@ CASES = [
         "finite number",
     ),
     (
+        "checkpoint-every-nan",
+        ["run", "--pruner", "none", "--discoverer", "acdc", "--checkpoint-every", "nan"],
+        2,
+        "nan is not a number of seconds",
+    ),
+    (
+        "checkpoint-every-negative",
+        ["run", "--pruner", "none", "--discoverer", "acdc", "--checkpoint-every", "-5"],
+        2,
+        "not in the range x>=0",
+    ),
+    (
         "distance-unknown",
         ["run", "--pruner", "none", "--discoverer", "acdc", "-d", "distance", "l2"],
         2,

@@ -54,6 +54,7 @@ CASES = [
     ("unknown-model", [*GRID, "--models", "default,no-such-model"], "Unknown model"),
     ("model-not-a-folder", [*GRID, "--models", "{root}/a-file"], "a file, not a model directory"),
     ("seed-negative", [*GRID, "--seeds", "-1"], "--seeds: seeds.0"),
+    ("checkpoint-every-inf", [*GRID, "--checkpoint-every", "inf"], "not a number of seconds"),
     ("seed-word", [*GRID, "--seeds", "1,x"], "--seeds: seeds.1"),
     ("seed-range-backwards", [*GRID, "--seeds", "5-3"], "runs backwards"),
     ("seed-huge", [*GRID, "--seeds", "99999999999"], "less than or equal to 4294967295"),
