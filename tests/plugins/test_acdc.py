@@ -2,6 +2,8 @@
 remove exactly the same edges, and both recover planted circuits edge by edge, in dense and in
 pruned search spaces, with either distance."""
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -458,6 +460,27 @@ def test_an_interrupted_acdc_goes_on_from_its_checkpoint_to_the_same_decisions(
         checkpoint=Checkpoint(path, {"run": 1}, _no_cost, every=0),
     )
     assert last.edges == whole.edges and last.extra_flops == 0
+
+
+@pytest.mark.parametrize("stops", [2, 9])
+def test_a_grouped_query_acdc_goes_on_from_its_checkpoint(tmp_path, stops):
+    """Shared k/v inputs (one slot per key-value head) survive the file."""
+    ctx = planted_context(planted_gqa_model())
+    dense = SearchSpace.dense(2, 8).heads
+    whole = acdc(ctx.model, ctx.task, ctx.search, dense)
+    path = tmp_path / "none__acdc.checkpoint"
+    with pytest.raises(KeyboardInterrupt):
+        acdc(ctx.model, ctx.task, ctx.search, dense, checkpoint=_StopAfter(path, stops))
+    again = Checkpoint(path, {"run": 1}, _no_cost, every=0)
+    resumed = acdc(ctx.model, ctx.task, ctx.search, dense, checkpoint=again)
+    assert {e.id for e in resumed.edges} == PLANTED_GQA_FULL_EDGES
+    assert (resumed.edges, resumed.tested, resumed.trace) == (
+        whole.edges,
+        whole.tested,
+        whole.trace,
+    )
+    state = json.loads(path.read_text())["state"]
+    assert {slot[1] for _, slot in state["removed"] if slot} >= {"k", "v"}
 
 
 def test_a_checkpoint_of_another_acdc_is_refused(tmp_path):
