@@ -227,9 +227,9 @@ def test_full_graph_edge_faithfulness_ablates_the_input_and_missing_input_edges(
     assert torch.isfinite(embed).all()
 
 
-def test_the_engine_matches_the_reference_through_mlps_and_the_input():
-    """A random 4 x 8 model with MLPs and layer norms (float64): every MLP and input edge is a
-    candidate too, and the batched engine decides each edge as the plain reference does."""
+def _random_ioi_model():
+    """A random 4 x 8 IOI-shaped model with MLPs and layer norms (float64), 4 of its prompts
+    and a 4-head space."""
     import torch
 
     from appbench import build_model, get_registries, word_level_tokenizer
@@ -243,7 +243,13 @@ def test_the_engine_matches_the_reference_through_mlps_and_the_input():
     model.cfg.dtype = torch.float64
     search, _ = task.splits(tokenizer)
     data = search.select(list(range(4)))
-    space = {Head(0, 1), Head(1, 2), Head(2, 3), Head(3, 0)}
+    return model, task, data, {Head(0, 1), Head(1, 2), Head(2, 3), Head(3, 0)}
+
+
+def test_the_engine_matches_the_reference_through_mlps_and_the_input():
+    """Every MLP and input edge is a candidate too, and the batched engine decides each edge
+    as the plain reference does."""
+    model, task, data, space = _random_ioi_model()
     fast = acdc(model, task, data, space, tau=0.02, distance="metric", max_rows=12)
     plain = acdc_reference(model, task, data, space, tau=0.02, distance="metric")
     assert fast.edges == plain.edges and fast.tested == plain.tested
@@ -481,6 +487,24 @@ def test_a_grouped_query_acdc_goes_on_from_its_checkpoint(tmp_path, stops):
     )
     state = json.loads(path.read_text())["state"]
     assert {slot[1] for _, slot in state["removed"] if slot} >= {"k", "v"}
+
+
+def test_an_acdc_through_mlps_and_the_input_goes_on_from_its_checkpoint(tmp_path):
+    model, task, data, space = _random_ioi_model()
+    whole = acdc(model, task, data, space, tau=0.02, distance="metric", max_rows=12)
+    path = tmp_path / "none__acdc.checkpoint"
+    with pytest.raises(KeyboardInterrupt):
+        acdc(model, task, data, space, 0.02, "metric", max_rows=12, checkpoint=_StopAfter(path, 6))
+    state = json.loads(path.read_text())["state"]
+    assert "input" in {sender for sender, _ in state["removed"] + state["kept"]}
+    assert "mlp" in {slot[1] for _, slot in state["removed"] + state["kept"] if slot}
+    again = Checkpoint(path, {"run": 1}, _no_cost, every=0)
+    resumed = acdc(model, task, data, space, 0.02, "metric", max_rows=12, checkpoint=again)
+    assert (resumed.edges, resumed.tested, resumed.trace) == (
+        whole.edges,
+        whole.tested,
+        whole.trace,
+    )
 
 
 def test_a_checkpoint_of_another_acdc_is_refused(tmp_path):
