@@ -68,6 +68,23 @@ def circuit_flags(circuit_size: int, faithfulness: Faithfulness, n_eval: int) ->
     return flags
 
 
+def edge_flags(n_edges: int, edge_faithfulness: Faithfulness | None) -> list[Flag]:
+    """Flags on an edge circuit's own faithfulness (every edge outside it patched): a circuit
+    whose heads alone score well can still lose the task once the edges it does not name (to
+    and from the MLPs, say) are patched too, and then its edge count means nothing."""
+    f = edge_faithfulness
+    if f is None or n_edges == 0 or f.degenerate or f.normalised is None or f.normalised >= 0:
+        return []
+    return [
+        Flag(
+            code="edges-worse-than-empty",
+            message=f"the circuit's {n_edges} edge{'s' if n_edges != 1 else ''}, every other "
+            f"edge patched, keep less of the task than the empty circuit (edge faithfulness "
+            f"{f.normalised:.3f})",
+        )
+    ]
+
+
 def reference_flags(reference: Reference | None) -> list[Flag]:
     """Flags on the reference circuit overlap is measured against."""
     if reference is None:

@@ -35,6 +35,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from appbench.flags import circuit_flags, edge_flags
 from appbench.metrics import HIGHER_IS_BETTER
 from appbench.results import ResultFileError, RunResult, load_result, model_folder_name
 
@@ -1098,7 +1099,8 @@ def circuit_exports(run: RunResult, graph_path: str, scores_path: str) -> dict[s
 
 # ------------------------------------------------------------------ I/O
 def load_results(folder: Path) -> list[RunResult]:
-    """Every result file under ``folder`` (``**/*.json``, sorted).
+    """Every result file under ``folder`` (``**/*.json``, sorted), with today's flags
+    (:func:`with_current_flags`).
 
     Raises:
         LeaderboardError: the folder is missing or holds no result file.
@@ -1112,7 +1114,20 @@ def load_results(folder: Path) -> list[RunResult]:
     files = sorted(p for p in folder.rglob("*.json") if p.is_file())
     if not files:
         raise LeaderboardError(f"{folder} holds no result files (*.json)")
-    return [load_result(path) for path in files]
+    return [with_current_flags(load_result(path)) for path in files]
+
+
+def with_current_flags(result: RunResult) -> RunResult:
+    """``result`` with the flags that today's rules raise on the numbers it stores and that it
+    lacks: a file written before a rule existed (``edges-worse-than-empty`` came after most
+    published runs) is flagged like a new one, from its own numbers, never a guessed one."""
+    have = {flag.code for flag in result.flags}
+    found = [
+        *circuit_flags(result.circuit_size, result.faithfulness, result.n_eval),
+        *edge_flags(len(result.circuit.get("edges") or ()), result.edge_faithfulness),
+    ]
+    missing = [flag for flag in found if flag.code not in have]
+    return result.model_copy(update={"flags": [*result.flags, *missing]}) if missing else result
 
 
 def _read(path: Path) -> str | None:
@@ -1235,5 +1250,6 @@ __all__ = [
     "summarise",
     "summary_page",
     "task_page",
+    "with_current_flags",
     "write",
 ]

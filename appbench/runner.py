@@ -27,7 +27,7 @@ from appbench import metrics
 from appbench.checkpoint import DEFAULT_EVERY, Checkpoint, add_costs, checkpoint_path
 from appbench.circuit import Circuit, Edge, Head, SearchSpace, graph_edges
 from appbench.errors import RunError
-from appbench.flags import baseline_differences, circuit_flags, reference_flags
+from appbench.flags import baseline_differences, circuit_flags, edge_flags, reference_flags
 from appbench.interfaces import Discoverer, Params, Pruner, RunContext
 from appbench.results import (
     Faithfulness,
@@ -954,6 +954,7 @@ def execute(
         )
     for found in [
         *circuit_flags(len(circuit), faith, len(evaluation)),
+        *edge_flags(len(circuit.edges), edge_faith),
         *reference_flags(reference),
     ]:
         flag(found.code, found.message)

@@ -204,6 +204,32 @@ def test_a_dense_run_from_other_code_is_refused(dense_run, tmp_path):
     assert result.exit_code == 0
 
 
+def test_edges_worse_than_the_empty_circuit_are_flagged(tmp_path, monkeypatch):
+    # The rule itself is tested on hand-made numbers (tests/unit/test_flags.py); here an edge
+    # circuit whose edge faithfulness comes out below the empty circuit's reaches the file and
+    # the table (as EAP's 108 edges on zoo-gt-greater_than-8x12 did: -0.525, heads alone 1.00).
+    from appbench import runner
+    from appbench.metrics import faithfulness
+    from appbench.results import Faithfulness
+
+    measured = runner.evaluate_edge_circuit
+
+    def below_empty(ctx, circuit, node):
+        real = measured(ctx, circuit, node)
+        worse = faithfulness(real.m_model, real.m_empty, real.m_empty - 0.5 * abs(real.m_model))
+        return Faithfulness(**worse.to_dict(), ablation=real.ablation)
+
+    monkeypatch.setattr(runner, "evaluate_edge_circuit", below_empty)
+    args = ["run", "--pruner", "none", "--discoverer", "eap", *MULTITASK, *SMALL]
+    table = invoke(*args[:-1], "--out", str(tmp_path))
+    assert table.exit_code == 0, table.output
+    assert "FLAG edges-worse-than-empty" in table.stdout
+    saved = load_result(tmp_path / "ioi" / "zoo-multitask" / "none__eap.json")
+    assert saved.edge_faithfulness is not None and saved.edge_faithfulness.normalised < 0
+    [flag] = [flag for flag in saved.flags if flag.code == "edges-worse-than-empty"]
+    assert f"{len(saved.circuit['edges'])} edges" in flag.message
+
+
 @pytest.mark.parametrize(
     ("ratio", "words"),
     [

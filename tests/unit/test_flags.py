@@ -5,6 +5,7 @@ import pytest
 from appbench.flags import (
     MIN_REFERENCE_FAITHFULNESS,
     circuit_flags,
+    edge_flags,
     reference_flags,
 )
 from appbench.metrics import faithfulness
@@ -57,3 +58,16 @@ def test_an_unfaithful_or_empty_reference_is_flagged():
     assert flag.code == "unfaithful-reference" and "-0.010" in flag.message
     assert "method-derived" in flag.message
     assert codes(reference_flags(ref([], None))) == ["empty-reference"]
+
+
+def test_edges_worse_than_the_empty_circuit_are_flagged_with_their_score():
+    flags = edge_flags(14, faith(4.0, 1.0, 0.5))
+    assert codes(flags) == ["edges-worse-than-empty"]
+    assert "14 edges" in flags[0].message and "-0.167" in flags[0].message
+
+
+def test_faithful_degenerate_or_absent_edge_circuits_raise_no_edge_flag():
+    assert edge_flags(14, faith(4.0, 0.0, 3.0)) == []
+    assert edge_flags(14, faith(1.0, 1.0, 0.5)) == []  # degenerate: flagged on the heads
+    assert edge_flags(0, faith(4.0, 1.0, 0.5)) == []
+    assert edge_flags(14, None) == []

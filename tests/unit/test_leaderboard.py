@@ -269,6 +269,25 @@ def test_speedup_cells_and_flags_are_shown_never_dropped():
     assert lb._speedup_cell(only_refused, lambda s: s.wall_ratio) == "refused ⚠"
 
 
+def test_results_written_before_a_flag_rule_get_its_flag_from_their_own_numbers(tmp_path):
+    # A result file from before edges-worse-than-empty existed: its edges lose to the empty
+    # circuit, and the leaderboard flags it as a run made today would be.
+    below_empty = Faithfulness(**faithfulness(4.0, 1.0, 0.5).to_dict(), ablation="test")
+    old = result().model_copy(update={"edge_faithfulness": below_empty})
+    assert old.flags == []
+    folder = tmp_path / "results" / "ioi"
+    folder.mkdir(parents=True)
+    (folder / "cflap__pathpatch.json").write_text(old.model_dump_json())
+    (folder / "sound.json").write_text(result(seed=1).model_dump_json())
+    flagged, sound = lb.load_results(tmp_path / "results")
+    assert [f.code for f in flagged.flags] == ["edges-worse-than-empty"]
+    assert "1 edge," in flagged.flags[0].message and "-0.167" in flagged.flags[0].message
+    assert sound.flags == []
+    assert lb.with_current_flags(flagged) is flagged  # nothing twice
+    page = lb.task_page("ioi", lb.group_runs([flagged]), lb.paper_data(), {}, set(), set())
+    assert "seed 0: `edges-worse-than-empty`" in page
+
+
 def test_reference_kinds_get_their_own_columns_and_mixed_references_are_not_averaged():
     truth = result(model="m", pruner="none", f1=1.0)
     derived = result(model="m", reference_kind="method-derived", reference_source="pp", f1=0.5)
