@@ -841,6 +841,8 @@ def execute(
     from appbench.models import load_model
     from appbench.plugins import plugin_infos
 
+    # The commit of the code that runs, read now: a long run can outlive a checkout of its tree.
+    git_commit = _git_commit()
     resolved = resolved or resolve(cfg)
     pruner_cls, pruner_params = resolved.pruner, resolved.pruner_params
     discoverer_cls, discoverer_params = resolved.discoverer, resolved.discoverer_params
@@ -961,7 +963,7 @@ def execute(
 
     provenance = Provenance(
         appbench_version=metadata.version("appbench"),
-        git_commit=_git_commit(),
+        git_commit=git_commit,
         created_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         command=cfg.command,
         python=platform.python_version(),

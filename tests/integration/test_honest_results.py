@@ -230,6 +230,27 @@ def test_edges_worse_than_the_empty_circuit_are_flagged(tmp_path, monkeypatch):
     assert f"{len(saved.circuit['edges'])} edges" in flag.message
 
 
+def test_the_commit_recorded_is_the_one_the_run_started_on(tmp_path, monkeypatch):
+    # A run of hours outlives a checkout of its tree: the commit is the one read before the
+    # model loads, not one read when the result is written.
+    from appbench import runner
+    from appbench.models import load_model
+
+    loaded = []
+    monkeypatch.setattr(runner, "_git_commit", lambda: ("b" if loaded else "a") * 40)
+
+    def load(name, device):
+        loaded.append(name)
+        return load_model(name, device)
+
+    config = runner.RunConfig(
+        pruner="none", discoverer="actpatch", model="zoo-multitask", n_search=8, n_eval=8
+    )
+    result, _ = runner.run(config.model_copy(update={"out": tmp_path}), load=load)
+    assert loaded == ["zoo-multitask"]
+    assert result.provenance.git_commit == "a" * 40
+
+
 @pytest.mark.parametrize(
     ("ratio", "words"),
     [
